@@ -1,0 +1,1 @@
+"""Input pipelines: data sources, grain pipelines and augmentations."""
