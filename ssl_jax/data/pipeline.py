@@ -1,0 +1,247 @@
+"""grain input pipelines: an infinite, resumable train stream and eval passes.
+
+Train stream, the same on every process and every machine for one seed:
+
+  source -> shuffle (a new permutation each epoch) -> repeat forever
+         -> random_resized_crop [+ flip] + channels (rng = f(seed, position))
+         -> every process_count-th element from process_index -> batch
+
+The shuffle and the augmentation happen on the GLOBAL stream and each process
+then takes its strided share (as torch's DistributedSampler does). So within
+an epoch the processes' shares are disjoint, and global batch k -- the union
+of every process's batch k -- holds the same images and the same crops for
+any process_count: a run on 4 hosts sees the data a run on 1 host sees.
+
+The iterator's state is one integer, the global position in that stream
+(grain's ElasticIterator), saved next to the train state with
+`grain.checkpoint.CheckpointSave(iterator)`. A restored iterator yields the
+very same batches, even with another num_workers or process_count.
+
+Config keys read from `config.data`: source, tfds_dir, batch_size (global),
+image_size, channels, crop_scale, crop_ratio, hflip, eval_crop_fraction,
+num_workers, prefetch.
+"""
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from ssl_jax.data import augment
+from ssl_jax.data.images import DataError, ImageSource, open_image_source
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform(grain.transforms.RandomMap):
+  """Random-resized crop, optional horizontal flip, then channel conversion."""
+
+  image_size: int
+  crop_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  hflip: bool
+  channels: int
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """Augments one {'image', 'label'} example with grain's per-position rng."""
+    image = augment.random_resized_crop(
+        element['image'], rng, self.image_size, self.crop_scale, self.crop_ratio)
+    if self.hflip:
+      image = augment.horizontal_flip(image, rng)
+    return {'image': augment.to_channels(image, self.channels), 'label': element['label']}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform(grain.transforms.Map):
+  """Resize + center crop, channel conversion, and a `valid` flag."""
+
+  image_size: int
+  crop_fraction: float
+  channels: int
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    """Prepares one {'image', 'label'} example for evaluation."""
+    image = augment.center_crop_resize(element['image'], self.image_size, self.crop_fraction)
+    return {'image': augment.to_channels(image, self.channels),
+            'label': element['label'], 'valid': np.bool_(True)}
+
+
+_TRAIN_KEYS = ('image_size', 'channels', 'crop_scale', 'crop_ratio', 'num_workers', 'prefetch')
+_EVAL_KEYS = ('image_size', 'channels', 'eval_crop_fraction', 'prefetch')
+
+
+def _check_config(data: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
+  """Raises DataError naming the first of `data.<keys>` with an impossible value."""
+  valid = {
+      'image_size': (lambda v: v > 0, 'a positive int'),
+      'channels': (lambda v: v in (1, 3), '1 or 3'),
+      'crop_scale': (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+                     '(low, high) with 0 < low <= high <= 1'),
+      'crop_ratio': (lambda v: len(v) == 2 and 0 < v[0] <= v[1], '(low, high), 0 < low <= high'),
+      'eval_crop_fraction': (lambda v: 0 < v <= 1, 'in (0, 1]'),
+      'num_workers': (lambda v: v >= 0, '>= 0'),
+      'prefetch': (lambda v: v >= 0, '>= 0'),
+  }
+  for key in keys:
+    ok, expected = valid[key]
+    if not ok(data[key]):
+      raise DataError(f'config.data.{key}={data[key]!r}; expected {expected}')
+
+
+def per_process_batch_size(batch_size: int, process_count: int, what: str) -> int:
+  """The per-process share of a global batch; DataError unless it divides evenly."""
+  if batch_size <= 0 or batch_size % process_count:
+    raise DataError(f'{what}={batch_size} must be a positive multiple of the process count '
+                    f'{process_count}')
+  return batch_size // process_count
+
+
+def _read_options(data: ml_collections.ConfigDict) -> grain.ReadOptions:
+  """Threads that keep `data.prefetch` batches ready in this process."""
+  # One element of the grain stream is a whole batch, so `prefetch` threads
+  # each assemble one batch; 0 reads synchronously in the caller's thread.
+  return grain.ReadOptions(num_threads=data.prefetch, prefetch_buffer_size=data.prefetch)
+
+
+def train_dataset(
+    data: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tuple[grain.IterDataset, ImageSource]:
+  """The infinite, shuffled, augmented train stream of this process, and its source.
+
+  `iter()` of the returned dataset gives batches {'image': uint8 (b, S, S, C),
+  'label': int32 (b,)} with b = data.batch_size // process_count; the iterator
+  supports get_state()/set_state() and grain.checkpoint.CheckpointSave/Restore.
+  It is one iterator per dataset (grain's ElasticIterator): `iter()` twice
+  gives the same object, so call train_dataset again for an independent one.
+  Every user error (bad source, batch size) is raised here, not at next().
+  """
+  _check_config(data, _TRAIN_KEYS)
+  batch_size = per_process_batch_size(data.batch_size, process_count, 'config.data.batch_size')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
+  if seed < 0:
+    raise DataError(f'seed={seed}: grain needs a non-negative seed')
+  source = open_image_source(data.source, tfds_dir=data.tfds_dir)
+  if len(source) < data.batch_size:
+    raise DataError(
+        f'{source.name} has {len(source)} images, fewer than one global batch of '
+        f'config.data.batch_size={data.batch_size} ({batch_size} per process x '
+        f'{process_count} processes); lower the batch size or use more data')
+  transform = TrainTransform(
+      image_size=data.image_size, crop_scale=tuple(data.crop_scale),
+      crop_ratio=tuple(data.crop_ratio), hflip=data.hflip, channels=data.channels)
+  # Decode and augment one example now so an unreadable source fails here.
+  transform.random_map(source[0], np.random.default_rng(0))
+
+  dataset = (
+      grain.MapDataset.source(source)
+      .seed(seed)    # grain derives the shuffle and augmentation seeds from it.
+      .shuffle()     # repeat() reseeds it: a new permutation every epoch.
+      .repeat()
+      .random_map(transform)    # rng = f(seed, global position): resumable.
+  )
+  # ElasticIterator takes every process_count-th element of the global stream
+  # from process_index, batches it, reads with threads (and worker processes),
+  # and keeps as state only the global position: a checkpoint restores into
+  # any num_workers or process_count.
+  workers = None
+  if data.num_workers > 0:
+    workers = grain.MultiprocessingOptions(num_workers=data.num_workers,
+                                           per_worker_buffer_size=max(1, data.prefetch))
+  stream = grain.experimental.ElasticIterator(
+      dataset, data.batch_size, grain.sharding.ShardOptions(process_index, process_count),
+      read_options=_read_options(data), multiprocessing_options=workers)
+  return stream, source
+
+
+def describe_train(data: ml_collections.ConfigDict, source: ImageSource,
+                   process_count: int = 1) -> str:
+  """A one-line summary of the train pipeline for logs."""
+  classes = f'{source.num_classes} classes' if source.has_labels else 'no labels'
+  flip = ' + hflip' if data.hflip else ''
+  return (
+      f'{source.name} ({len(source)} images, {classes}) -> random_resized_crop '
+      f'{data.image_size}px scale={tuple(data.crop_scale)} ratio='
+      f'({data.crop_ratio[0]:.3g}, {data.crop_ratio[1]:.3g}){flip} -> {data.channels} channel(s); '
+      f'batch {data.batch_size} = {data.batch_size // process_count} x {process_count} '
+      f'process(es); {data.num_workers} worker process(es), {data.prefetch} prefetch thread(s)')
+
+
+class EvalBatches(Iterator[Batch]):
+  """An in-order eval pass over this process's share, padded to a common length.
+
+  Every process yields `num_batches` batches of the same size, so collectives
+  over hosts line up; padding examples have valid=False, label -1 and black
+  images. `num_examples` is the number of real examples over all processes.
+  """
+
+  def __init__(self, iterator: Iterator[Batch], num_batches: int, num_examples: int):
+    self._iterator = iterator
+    self.num_batches = num_batches
+    self.num_examples = num_examples
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __next__(self) -> Batch:
+    return next(self._iterator)
+
+  def close(self) -> None:
+    """Stops grain's prefetch threads early (they also stop at the end)."""
+    close = getattr(self._iterator, 'close', None)
+    if close is not None:
+      close()
+
+
+def eval_source_size(data: ml_collections.ConfigDict, source_spec: str) -> int:
+  """Number of real examples in an eval source (over all processes)."""
+  return len(open_image_source(source_spec, tfds_dir=data.tfds_dir))
+
+
+def eval_batches(
+    data: ml_collections.ConfigDict,
+    source_spec: str,
+    *,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> EvalBatches:
+  """Deterministic in-order eval batches of this process's share of `source_spec`.
+
+  Yields {'image': uint8 (b, S, S, C), 'label': int32 (b,), 'valid': bool (b,)}
+  with b = batch_size // process_count (batch_size is global), S =
+  data.image_size, center-cropped with data.eval_crop_fraction. Process p gets
+  examples p, p + P, p + 2P, ...; all processes yield the same number of batches.
+  """
+  _check_config(data, _EVAL_KEYS)
+  local_batch = per_process_batch_size(batch_size, process_count, 'eval batch_size')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
+  source = open_image_source(source_spec, tfds_dir=data.tfds_dir)
+  transform = EvalTransform(data.image_size, data.eval_crop_fraction, data.channels)
+  transform.map(source[0])  # An unreadable source fails here, not mid-eval.
+
+  # The largest share decides the batch count every process must yield.
+  num_batches = math.ceil(math.ceil(len(source) / process_count) / local_batch)
+  share = grain.MapDataset.source(source)[process_index::process_count].map(transform)
+  num_padding = num_batches * local_batch - len(share)
+  parts = [share] if len(share) else []
+  if num_padding:
+    filler = {
+        'image': np.zeros((data.image_size, data.image_size, data.channels), np.uint8),
+        'label': np.int32(-1),
+        'valid': np.bool_(False),
+    }
+    parts.append(grain.MapDataset.range(num_padding).map(lambda _: filler))
+  dataset = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+  iterator = iter(dataset.batch(local_batch).to_iter_dataset(_read_options(data)))
+  return EvalBatches(iterator, num_batches, len(source))

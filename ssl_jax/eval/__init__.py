@@ -1,0 +1,1 @@
+"""Evaluation of learned representations: kNN, linear probe, pictures."""

@@ -1,0 +1,58 @@
+"""Pretext losses as pure functions of arrays.
+
+Every function here is framework-free (no Flax), jit-able, and does its
+arithmetic in float32 whatever the input dtype. The formulas and their
+conventions are stated in ../shared/DESIGN.md; tests compare each one with an
+independent NumPy implementation of the paper's formula.
+"""
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+
+def patchify(images: jax.Array, patch: int) -> jax.Array:
+  """NHWC images -> (B, L, patch*patch*C) patches in row-major grid order.
+
+  Each patch is flattened as (row, col, channel), the order of the MAE
+  reference code (`einsum('nchpwq->nhwpqc')`), so decoder outputs and
+  pixel targets line up with PyTorch MAE checkpoints.
+  """
+  _, height, width, _ = images.shape
+  if height % patch or width % patch:
+    raise ValueError(
+        f'patchify: image size {height}x{width} is not divisible by the '
+        f'patch size {patch}.')
+  return rearrange(images, 'b (h p) (w q) c -> b (h w) (p q c)', p=patch, q=patch)
+
+
+def unpatchify(patches: jax.Array, patch: int, height: int, width: int) -> jax.Array:
+  """Inverse of `patchify`: (B, L, patch*patch*C) -> (B, H, W, C)."""
+  return rearrange(patches, 'b (h w) (p q c) -> b (h p) (w q) c',
+                   h=height // patch, w=width // patch, p=patch, q=patch)
+
+
+def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array,
+             norm_pix_loss: bool = True) -> jax.Array:
+  """Mean squared error on masked patches only (He et al. 2021, Sec. 3).
+
+  Args:
+    pred: (B, L, D) predicted patch pixels.
+    target: (B, L, D) true patch pixels, e.g. `patchify(images, p)`.
+    mask: (B, L), 1 where the patch was removed from the encoder's input.
+    norm_pix_loss: normalise each target patch by its own mean and unbiased
+      variance (+1e-6), as the paper's code does (`target.var(dim=-1)` in
+      PyTorch is unbiased).
+
+  Returns:
+    The scalar loss: per-patch mean over D, then mean over masked patches.
+  """
+  pred = pred.astype(jnp.float32)
+  target = target.astype(jnp.float32)
+  mask = mask.astype(jnp.float32)
+  if norm_pix_loss:
+    mean = target.mean(axis=-1, keepdims=True)
+    var = target.var(axis=-1, keepdims=True, ddof=1)
+    target = (target - mean) / jnp.sqrt(var + 1e-6)
+  per_patch = jnp.mean(jnp.square(pred - target), axis=-1)  # (B, L)
+  return jnp.sum(per_patch * mask) / jnp.sum(mask)

@@ -1,0 +1,84 @@
+r"""Command line entry point: flags, config, jax.distributed, then `train`.
+
+  python -m ssl_jax.main --config=configs/mae_vit.py[:VARIANT] --workdir=DIR \
+      [--config.KEY=VALUE ...]
+
+Rerunning the same command on the same DIR resumes from the newest checkpoint.
+Multi-process (several hosts, or processes on one host): pass
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I to each, or
+--distributed to let `jax.distributed.initialize()` read a TPU pod / SLURM
+environment.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ssl_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, optionally with a variant: configs/mae_vit.py:local.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory (local or gs://) for checkpoints, logs and exports.')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() with auto-detection '
+    '(TPU pods, SLURM, Open MPI).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0, for explicit multi-process runs.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+flags.mark_flags_as_required(['config', 'workdir'])
+# Orbax and grain log every save at INFO; the progress lines go to stdout
+# anyway. --verbosity=0 brings the INFO logs back.
+flags.FLAGS.set_default('verbosity', logging.WARNING)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, with unknown `--config.` keys reported by their full name."""
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:
+    bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    unknown = [a for a in bad if not _config_has(a[len('--config.'):])]
+    names = ', '.join(unknown) or ', '.join(bad)
+    sys.exit(f'error: unknown config key {names} ({e}).\n'
+             'Keys that exist are listed in the config file and in WORKDIR/config.json.')
+  except flags.Error as e:
+    sys.exit(f'error: {e}\nUsage: python -m ssl_jax.main --config=configs/X.py[:VARIANT] '
+             '--workdir=DIR [--config.KEY=VALUE ...]')
+
+
+def _config_has(dotted: str) -> bool:
+  """Whether the config file named by --config has the dotted key (best effort)."""
+  try:
+    node = flags.FLAGS['config'].value
+  except Exception:  # The config itself did not load.
+    return False
+  for part in dotted.split('.'):
+    if node is None or not hasattr(node, 'keys') or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def main(argv: list[str]) -> None:
+  """Starts jax.distributed if asked, then trains."""
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}')
+  import jax  # After flag parsing, so a bad flag costs no jax start-up.
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from ssl_jax import train
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except UserError as e:  # A message for the user, not a traceback.
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,70 @@
+"""The surface every pretraining method offers the trainer.
+
+A method is a small object built from the resolved config. The trainer in
+`ssl_jax/train.py` only ever calls what is defined here, so it never needs
+to know which method it is training.
+"""
+
+import abc
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class Method(abc.ABC):
+  """Base class of pretraining methods (one subclass per file in methods/)."""
+
+  # The unit of throughput shown in the progress line (images/s, tokens/s).
+  throughput_unit = 'images'
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  # ----------------------------------------------------------------------------
+  # Model and loss.
+  # ----------------------------------------------------------------------------
+  @abc.abstractmethod
+  def build(self, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the whole pretraining model (encoder and any decoder/head/teacher)."""
+
+  @abc.abstractmethod
+  def loss_fn(self, model: nnx.Module, batch: Batch, rng: jax.Array,
+              step: jax.Array) -> tuple[jax.Array, Metrics]:
+    """Scalar loss and a dict of scalar metrics for one global batch."""
+
+  def after_step(self, model: nnx.Module, step: jax.Array) -> None:
+    """In-place, non-gradient updates after the optimizer step (e.g. EMA teachers)."""
+    del model, step
+
+  def examples_to_units(self, batch_size: int) -> int:
+    """How many throughput units (images, tokens) one batch of examples holds."""
+    return batch_size
+
+  # ----------------------------------------------------------------------------
+  # Encoder export and probing.
+  # ----------------------------------------------------------------------------
+  @abc.abstractmethod
+  def encoder(self, model: nnx.Module) -> nnx.Module:
+    """The part of `model` that is exported for downstream use."""
+
+  @abc.abstractmethod
+  def build_encoder(self, rngs: nnx.Rngs) -> nnx.Module:
+    """A freshly initialised encoder of the exported shape."""
+
+  def features(self, encoder: nnx.Module, images: jax.Array) -> jax.Array:
+    """(B, H, W, C) uint8 images -> (B, D) float32 features for probes."""
+    raise TypeError(f'{type(self).__name__} defines no image features for probing.')
+
+  def visualize(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> Any:
+    """Arrays for a picture of what the model does (or None); see `render`."""
+    del model, batch, rng
+
+  def render(self, arrays: Any) -> np.ndarray | None:
+    """Host-side: turns `visualize`'s arrays into an (H, W, 3) uint8 picture."""
+    del arrays

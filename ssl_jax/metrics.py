@@ -1,0 +1,111 @@
+"""Where numbers go: metrics.jsonl, TensorBoard event files and the progress line.
+
+Only process 0 writes. `metrics.jsonl` holds one JSON object per logged step
+(`step`, `loss`, `lr`, throughput, and eval results when they run).
+TensorBoard files are written by tensorboardX, which needs no TensorFlow:
+`tensorboard --logdir WORKDIR`.
+"""
+
+import datetime
+import json
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+
+def _to_python(value: Any) -> Any:
+  """numpy / jax scalars -> plain Python numbers for JSON."""
+  value = np.asarray(value)
+  return value.item() if value.ndim == 0 else value.tolist()
+
+
+class MetricWriter:
+  """Appends scalars to metrics.jsonl and TensorBoard; writes images to TensorBoard."""
+
+  def __init__(self, workdir: epath.PathLike, *, enabled: bool = True):
+    self.enabled = enabled
+    self._jsonl = epath.Path(workdir) / 'metrics.jsonl'
+    self._tb = None
+    if enabled:
+      import tensorboardX  # Imported here: only process 0 needs it.
+      self._tb = tensorboardX.SummaryWriter(logdir=str(workdir), flush_secs=10)
+
+  def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
+    """One metrics.jsonl line and one TensorBoard scalar per key."""
+    if not self.enabled:
+      return
+    record = {'step': int(step), **{k: _to_python(v) for k, v in scalars.items()}}
+    with self._jsonl.open('a') as f:
+      f.write(json.dumps(record) + '\n')
+    for key, value in record.items():
+      if key != 'step' and isinstance(value, (int, float)):
+        self._tb.add_scalar(key, value, int(step))
+
+  def write_image(self, step: int, name: str, picture: np.ndarray) -> None:
+    """An (H, W, 3) uint8 picture in TensorBoard's Images tab."""
+    if self.enabled:
+      self._tb.add_image(name, picture, int(step), dataformats='HWC')
+
+  def flush(self) -> None:
+    """Pushes pending TensorBoard events to disk."""
+    if self.enabled:
+      self._tb.flush()
+
+  def close(self) -> None:
+    """Flushes and closes the event file."""
+    if self.enabled:
+      self._tb.close()
+
+
+def truncate_jsonl(workdir: epath.PathLike, last_step: int) -> None:
+  """Drops metrics.jsonl lines logged after `last_step` (work a resume will redo)."""
+  path = epath.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return
+  kept = [line for line in path.read_text().splitlines()
+          if line.strip() and json.loads(line)['step'] <= last_step]
+  path.write_text(''.join(line + '\n' for line in kept))
+
+
+class Progress:
+  """Formats the console progress line: step, loss, lr, rates and ETA."""
+
+  def __init__(self, total_steps: int, start_step: int, unit: str, units_per_step: int):
+    self.total_steps = total_steps
+    self.unit = unit
+    self.units_per_step = units_per_step
+    self._last_time = time.perf_counter()
+    self._last_step = start_step
+    self._elapsed = 0.0
+    self._first_line = True
+
+  def rates(self, step: int) -> dict[str, float]:
+    """Steps/s and units/s since the previous call."""
+    now = time.perf_counter()
+    self._elapsed = now - self._last_time
+    steps_per_sec = (step - self._last_step) / max(self._elapsed, 1e-9)
+    self._last_time, self._last_step = now, step
+    return {'steps_per_sec': steps_per_sec,
+            f'{self.unit}_per_sec': steps_per_sec * self.units_per_step}
+
+  def line(self, step: int, scalars: dict[str, Any]) -> str:
+    """'step 120/1000 | loss 0.8123 | lr 0.0012 | 15.3 steps/s | 3917 images/s | ETA 0:00:57'."""
+    if self._first_line:  # Its time is mostly compilation: no rate or ETA to show.
+      self._first_line = False
+      return (f'step {step}/{self.total_steps} | loss {scalars["loss"]:.4f} | '
+              f'lr {scalars["lr"]:.3g} | compiled and ran in {self._elapsed:.1f} s')
+    steps_per_sec = scalars['steps_per_sec']
+    eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float('inf')
+    eta_text = str(datetime.timedelta(seconds=round(eta))) if np.isfinite(eta) else '?'
+    return (f'step {step}/{self.total_steps} | loss {scalars["loss"]:.4f} | '
+            f'lr {scalars["lr"]:.3g} | {steps_per_sec:.2f} steps/s | '
+            f'{scalars[f"{self.unit}_per_sec"]:.0f} {self.unit}/s | ETA {eta_text}')
+
+
+def log_line(text: str) -> None:
+  """Prints a line for the user on process 0's stdout (other processes stay quiet)."""
+  if jax.process_index() == 0:
+    print(text, flush=True)

@@ -1,0 +1,362 @@
+"""The one training loop every method runs on.
+
+Phases, each a named function below: setup (config, mesh, data, method),
+init (the train state is born sharded), restore (train state and data
+position from the newest checkpoint), the loop (one jitted, donated step),
+evals (kNN probe, pictures) and the end (final checkpoint, evals, encoder
+export). Nothing here names a method: everything method-specific is behind
+`ssl_jax.methods.base.Method`.
+
+The train state is a plain dict: `step`, `params` (nnx.Param variables),
+`model_state` (every other variable: BatchNorm statistics, EMA teachers,
+centers) and `opt_state`.
+"""
+
+import copy
+import dataclasses
+import json
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from ssl_jax import checkpoint, methods, optim, sharding
+from ssl_jax.data import pipeline
+from ssl_jax.errors import ConfigError
+from ssl_jax.eval import knn, pictures
+from ssl_jax.methods.base import Method
+from ssl_jax.metrics import MetricWriter, Progress, log_line, truncate_jsonl
+
+TrainState = dict[str, Any]
+
+
+# ------------------------------------------------------------------------------
+# Setup.
+# ------------------------------------------------------------------------------
+def resolve_config(config: ml_collections.ConfigDict,
+                   num_train_examples: int) -> ml_collections.ConfigDict:
+  """Fills in what depends on the data: steps from epochs, warmup, peak lr.
+
+  `train.steps`, when set, wins over `train.epochs` (and `optim.warmup_steps`
+  over `optim.warmup_epochs`). The result is what `config.json` records.
+  """
+  config = copy.deepcopy(config)
+  batch_size = config.data.batch_size
+  steps_per_epoch = max(num_train_examples // batch_size, 1)
+  with config.unlocked():
+    config.train.steps_per_epoch = steps_per_epoch
+    if config.train.steps is None:
+      if config.train.epochs is None:
+        raise ConfigError('Set config.train.steps or config.train.epochs.')
+      config.train.steps = max(round(config.train.epochs * steps_per_epoch), 1)
+    if config.optim.warmup_steps is None:
+      epochs = config.optim.warmup_epochs or 0.0
+      config.optim.warmup_steps = round(epochs * steps_per_epoch)
+    config.optim.peak_lr = optim.peak_learning_rate(config.optim, batch_size)
+  return config
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """Writes config.json; on resume, says which keys differ from the saved one."""
+  path = workdir / 'config.json'
+  new = json.loads(config.to_json_best_effort())
+  if path.exists():
+    old = json.loads(path.read_text())
+    changed = sorted(_flat_diff(old, new))
+    if changed:
+      log_line(f'Note: resuming with config keys changed since the last run: {", ".join(changed)}')
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(new, indent=2) + '\n')
+
+
+def _flat_diff(old: Any, new: Any, prefix: str = '') -> set[str]:
+  if isinstance(old, dict) and isinstance(new, dict):
+    keys = set(old) | set(new)
+    return set().union(*(_flat_diff(old.get(k), new.get(k), f'{prefix}{k}.') for k in keys))
+  return set() if old == new else {prefix.rstrip('.')}
+
+
+def build_optimizer(config: ml_collections.ConfigDict):
+  """(schedule, optax transformation) of a resolved config."""
+  schedule = optim.learning_rate_schedule(config.optim, config.optim.peak_lr, config.train.steps)
+  return schedule, optim.build_optimizer(config.optim, schedule)
+
+
+# ------------------------------------------------------------------------------
+# Init: the train state is created directly with its final shardings.
+# ------------------------------------------------------------------------------
+def state_shardings_and_graphdef(method: Method, tx: optax.GradientTransformation,
+                                 mesh: jax.sharding.Mesh, seed: int):
+  """Abstract train state, its shardings and the model's graphdef (no arrays made)."""
+  abstract_model = nnx.eval_shape(lambda: method.build(nnx.Rngs(seed)))
+  graphdef, params, model_state = nnx.split(abstract_model, nnx.Param, ...)
+  param_shardings = sharding.state_shardings(params, mesh)
+  # jit(tx.init) alone would replicate mu/nu; give them their parameter's sharding.
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+      transform_non_params=lambda _: sharding.replicated(mesh))
+  shardings = {'step': sharding.replicated(mesh), 'params': param_shardings,
+               'model_state': sharding.state_shardings(model_state, mesh),
+               'opt_state': opt_shardings}
+  return graphdef, shardings
+
+
+def init_train_state(method: Method, tx: optax.GradientTransformation, shardings: Any,
+                     seed: int) -> TrainState:
+  """Builds model and optimizer state inside jit, born with `shardings`."""
+  def init() -> TrainState:
+    _, params, model_state = nnx.split(method.build(nnx.Rngs(seed)), nnx.Param, ...)
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'model_state': model_state, 'opt_state': tx.init(params)}
+  return jax.jit(init, out_shardings=shardings)()
+
+
+# ------------------------------------------------------------------------------
+# The train step: a pure function of (state, batch, rng), jitted once.
+# ------------------------------------------------------------------------------
+def make_train_step(method: Method, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, shardings: Any, mesh: jax.sharding.Mesh):
+  """Returns jit(step)(state, batch, rng) -> (state, metrics), donating `state`."""
+  def train_step(state: TrainState, batch: dict, rng: jax.Array):
+    step = state['step']
+    rng = jax.random.fold_in(rng, step)
+
+    def loss_of(params):
+      # copy=True: BatchNorm-style updates inside grad must not touch outer-trace variables.
+      model = nnx.merge(graphdef, params, state['model_state'], copy=True)
+      loss, metrics = method.loss_fn(model, batch, rng, step)
+      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+        state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    method.after_step(model, step)
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    metrics = {**metrics, 'loss': loss, 'lr': schedule(step),
+               'grad_norm': optax.tree.norm(grads), 'param_norm': optax.tree.norm(params)}
+    new_state = {'step': step + 1, 'params': params, 'model_state': model_state,
+                 'opt_state': opt_state}
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=0,
+                 out_shardings=(shardings, sharding.replicated(mesh)))
+
+
+# ------------------------------------------------------------------------------
+# Evals.
+# ------------------------------------------------------------------------------
+class Evaluator:
+  """Runs the configured evals on a train state: kNN probe and pictures."""
+
+  def __init__(self, config: ml_collections.ConfigDict, method: Method,
+               graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh, writer: MetricWriter,
+               workdir: epath.Path):
+    self.config, self.method, self.graphdef = config, method, graphdef
+    self.writer, self.workdir = writer, workdir
+    self.knn = knn.KnnEvaluator(config, method, mesh) if config.eval.knn_train_source else None
+    self._visualize = jax.jit(lambda params, rest, batch, rng: method.visualize(
+        nnx.merge(graphdef, params, rest), batch, rng))
+
+  def encoder(self, state: TrainState) -> nnx.Module:
+    """The method's encoder, sharing the train state's arrays."""
+    return self.method.encoder(nnx.merge(self.graphdef, state['params'], state['model_state']))
+
+  def __call__(self, state: TrainState, batch: dict, rng: jax.Array) -> dict[str, float]:
+    """Eval metrics for `state`; saves a picture under images/ when the method draws one."""
+    step = int(state['step'])
+    results = {}
+    if self.knn is not None:
+      start = time.perf_counter()
+      results['knn_top1'] = self.knn(self.encoder(state))
+      results['knn_seconds'] = time.perf_counter() - start
+    if self.config.eval.pictures:
+      arrays = self._visualize(state['params'], state['model_state'], batch, rng)
+      if arrays is not None:
+        picture = self.method.render(multihost_utils.process_allgather(arrays, tiled=True))
+        if jax.process_index() == 0:
+          pictures.save_png(picture, self.workdir / 'images' / f'step_{step:07d}.png')
+        self.writer.write_image(step, 'reconstructions', picture)
+    return results
+
+  def random_init_knn(self) -> float:
+    """kNN accuracy of a freshly initialised encoder of the same shape (a baseline)."""
+    return self.knn(self.method.build_encoder(nnx.Rngs(self.config.seed)))
+
+
+# ------------------------------------------------------------------------------
+# Stopping early on SIGTERM (preemption) with a checkpoint.
+# ------------------------------------------------------------------------------
+class StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks, so it can save and exit."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:  # A second signal: give up at once.
+      signal.signal(signum, self._previous[signum])
+      signal.raise_signal(signum)
+    self.requested = True
+
+  def agreed(self) -> bool:
+    """True if any process was asked to stop (all processes must stop together)."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+
+  def restore(self) -> None:
+    """Puts the previous signal handlers back."""
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------
+# The whole job.
+# ------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Job:
+  """Everything the loop and the final phase share, built once in setup."""
+  config: ml_collections.ConfigDict
+  method: Method
+  mesh: jax.sharding.Mesh
+  workdir: epath.Path
+  checkpointer: checkpoint.Checkpointer
+  data_iter: Any
+  train_step: Any
+  evaluator: Evaluator
+  writer: MetricWriter
+  rng: jax.Array
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) `config` in `workdir`; returns the final eval metrics."""
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh)
+  train_data, source = pipeline.train_dataset(
+      config.data, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  config = resolve_config(config, len(source))
+  write_config(config, workdir)
+  method = methods.create(config)
+  schedule, tx = build_optimizer(config)
+  log_line(f'{config.method}: {config.train.steps} steps of batch {config.data.batch_size} '
+           f'({config.train.steps_per_epoch} steps/epoch over {len(source)} examples of '
+           f'{config.data.source}); peak lr {config.optim.peak_lr:.3g}; mesh '
+           f'{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices')
+
+  with sharding.activate(mesh, rules):
+    graphdef, shardings = state_shardings_and_graphdef(method, tx, mesh, config.seed)
+    checkpointer = checkpoint.Checkpointer(workdir / 'checkpoints',
+                                           keep=config.train.keep_checkpoints)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    job = Job(config=config, method=method, mesh=mesh, workdir=workdir,
+              checkpointer=checkpointer, data_iter=iter(train_data),
+              train_step=make_train_step(method, graphdef, tx, schedule, shardings, mesh),
+              evaluator=Evaluator(config, method, graphdef, mesh, writer, workdir),
+              writer=writer,
+              rng=jax.random.fold_in(jax.random.key(config.seed), 1))  # Init used Rngs(seed).
+    try:
+      state = restore_or_init(job, tx, shardings)
+      state, batch, stopped = train_loop(job, state)
+      return {} if stopped else finish(job, state, batch)
+    finally:
+      checkpointer.close()
+      writer.close()
+
+
+def restore_or_init(job: Job, tx: optax.GradientTransformation, shardings: Any) -> TrainState:
+  """The newest checkpoint if there is one (data position too), else a fresh state."""
+  config, checkpointer = job.config, job.checkpointer
+  latest = checkpointer.latest_step()
+  if latest is None:
+    log_line(f'No checkpoint in {checkpointer.directory}: starting from step 0.')
+    truncate_jsonl(job.workdir, 0)
+    return init_train_state(job.method, tx, shardings, config.seed)
+  abstract = jax.eval_shape(lambda: init_train_state(job.method, tx, shardings, config.seed))
+  target = checkpoint.abstract_with_shardings(abstract, shardings)
+  state = checkpointer.restore(latest, target, job.data_iter)
+  truncate_jsonl(job.workdir, latest)  # Later lines are work the resumed run redoes.
+  log_line(f'Resumed from {checkpointer.directory / str(latest)} at step {latest}.')
+  return state
+
+
+def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
+  """Steps until `train.steps`; returns (state, last batch, stopped by a signal)."""
+  config, total = job.config, job.config.train.steps
+  step = int(state['step'])
+  progress = Progress(total, step, job.method.throughput_unit,
+                      job.method.examples_to_units(config.data.batch_size))
+  stop = StopSignal()
+  pending, batch, first_step = [], None, step + 1
+  if step < total:
+    log_line(f'Compiling the train step (step {step})...')
+  try:
+    while step < total:
+      batch = sharding.put_batch(next(job.data_iter), job.mesh)
+      state, metrics = job.train_step(state, batch, job.rng)
+      pending.append(metrics)
+      step += 1
+      if step % config.train.log_every == 0 or step == total or step == first_step:
+        scalars = {k: float(np.mean(v)) for k, v in _stack(jax.device_get(pending)).items()}
+        pending = []
+        scalars.update(progress.rates(step))
+        log_line(progress.line(step, scalars))
+        job.writer.write_scalars(step, scalars)
+      if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
+        results = job.evaluator(state, batch, job.rng)
+        if results:
+          log_line(f'eval at step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
+          job.writer.write_scalars(step, results)
+      if step % config.train.checkpoint_every == 0 and step < total:
+        job.checkpointer.save(step, state, job.data_iter)
+      if stop.agreed():
+        job.checkpointer.save(step, state, job.data_iter, force=True)
+        log_line(f'Stopped by signal at step {step}; checkpoint saved. '
+                 'Rerun the same command to resume.')
+        return state, batch, True
+  finally:
+    stop.restore()
+  return state, batch, False
+
+
+def _stack(dicts: list[dict]) -> dict[str, np.ndarray]:
+  return {k: np.stack([d[k] for d in dicts]) for k in dicts[0]}
+
+
+def finish(job: Job, state: TrainState, batch: Any) -> dict[str, float]:
+  """Final checkpoint, final evals (with the random-init baseline) and encoder export."""
+  config, evaluator = job.config, job.evaluator
+  step = int(state['step'])
+  job.checkpointer.save(step, state, job.data_iter)  # No-op if this step is already saved.
+  if batch is None:  # Resumed a finished run: draw a batch for the pictures.
+    batch = sharding.put_batch(next(job.data_iter), job.mesh)
+  results = evaluator(state, batch, job.rng)
+  if evaluator.knn is not None and config.eval.random_init_baseline:
+    results['knn_top1_random_init'] = evaluator.random_init_knn()
+  job.writer.write_scalars(step, results)
+  if 'knn_top1' in results:
+    baseline = results.get('knn_top1_random_init')
+    log_line(f'kNN top-1 (k={config.eval.knn_k}, {config.eval.knn_train_source} -> '
+             f'{config.eval.knn_test_source}): trained {results["knn_top1"]:.4f}'
+             + ('' if baseline is None else f' | random init {baseline:.4f}'))
+  export_dir = checkpoint.export_encoder(job.workdir / 'export', evaluator.encoder(state), config)
+  log_line(f'Encoder exported to {export_dir}')
+  logging.info('Final results: %s', results)
+  return results

@@ -1,0 +1,74 @@
+"""Losses against independent NumPy implementations of the papers' formulas."""
+
+import numpy as np
+import pytest
+
+from ssl_jax import losses
+
+
+def numpy_patchify(images: np.ndarray, p: int) -> np.ndarray:
+  """MAE's patchify, written as the reference code does it (NCHW reshape + einsum)."""
+  nchw = images.transpose(0, 3, 1, 2)
+  n, c, height, width = nchw.shape
+  h, w = height // p, width // p
+  x = nchw.reshape(n, c, h, p, w, p)
+  x = np.einsum('nchpwq->nhwpqc', x)
+  return x.reshape(n, h * w, p * p * c)
+
+
+def numpy_mae_loss(pred, target, mask, norm_pix_loss):
+  """models_mae.py forward_loss, with explicit loops over samples and patches."""
+  total, count = 0.0, 0.0
+  for b in range(pred.shape[0]):
+    for i in range(pred.shape[1]):
+      t = target[b, i].astype(np.float64)
+      if norm_pix_loss:
+        var = np.sum((t - t.mean()) ** 2) / (t.size - 1)  # unbiased, as torch.var
+        t = (t - t.mean()) / np.sqrt(var + 1e-6)
+      err = np.mean((pred[b, i] - t) ** 2)
+      total += err * mask[b, i]
+      count += mask[b, i]
+  return total / count
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_patchify_matches_reference_order(channels):
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(2, 8, 12, channels)).astype(np.float32)
+  got = np.asarray(losses.patchify(images, 4))
+  np.testing.assert_array_equal(got, numpy_patchify(images, 4))
+  assert got.shape == (2, 6, 16 * channels)
+  # Patch 1 is row 0, column 1; its first value is pixel (0, 4), channel 0.
+  assert got[0, 1, 0] == images[0, 0, 4, 0]
+  np.testing.assert_array_equal(np.asarray(losses.unpatchify(got, 4, 8, 12)), images)
+
+
+def test_patchify_rejects_indivisible_size():
+  with pytest.raises(ValueError, match='not divisible by the patch size'):
+    losses.patchify(np.zeros((1, 10, 8, 3), np.float32), 4)
+
+
+@pytest.mark.parametrize('norm_pix_loss', [True, False])
+def test_mae_loss_matches_numpy(norm_pix_loss):
+  rng = np.random.default_rng(1)
+  pred = rng.normal(size=(3, 16, 12)).astype(np.float32)
+  target = rng.normal(loc=2.0, scale=3.0, size=(3, 16, 12)).astype(np.float32)
+  mask = (rng.uniform(size=(3, 16)) < 0.75).astype(np.float32)
+  got = float(losses.mae_loss(pred, target, mask, norm_pix_loss))
+  want = numpy_mae_loss(pred, target, mask, norm_pix_loss)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_mae_loss_ignores_visible_patches_and_uses_unbiased_variance():
+  target = np.tile(np.array([0.0, 1.0, 2.0, 3.0], np.float32), (1, 2, 1))  # (1, 2, 4)
+  pred = np.zeros_like(target)
+  pred[0, 0] = 100.0  # Visible patch: a huge error that must not count.
+  mask = np.array([[0.0, 1.0]], np.float32)
+  # Unbiased variance of [0, 1, 2, 3] is 5/3; the normalised target's mean square is 3/5*5/4.
+  normalised = (target[0, 1] - 1.5) / np.sqrt(5 / 3 + 1e-6)
+  want = np.mean(normalised ** 2)
+  np.testing.assert_allclose(float(losses.mae_loss(pred, target, mask, True)), want, rtol=1e-6)
+  biased = (target[0, 1] - 1.5) / np.sqrt(1.25 + 1e-6)
+  assert abs(want - np.mean(biased ** 2)) > 0.1  # The two conventions really differ here.
+  np.testing.assert_allclose(float(losses.mae_loss(pred, target, mask, False)),
+                             np.mean(target[0, 1] ** 2), rtol=1e-6)

@@ -1,0 +1,84 @@
+"""One train step on 8 (fake CPU) devices equals the step on 1 device.
+
+conftest.py gives the test session 8 CPU devices; the 1-device run uses a
+mesh over the first device only (bitwise the same as a 1-device process,
+see ../shared/STACK-probe-notes.md, section 2).
+"""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import mae_vit
+from ssl_jax import methods, sharding, train
+
+LR = 1e-2
+
+
+def tiny_config(optimizer: str, mesh_shape: dict):
+  config = mae_vit.get_config('local')
+  config.data.batch_size = 16
+  config.model.update(dict(width=32, depth=2, num_heads=4, mlp_dim=64, decoder_width=32,
+                           decoder_depth=1, decoder_heads=4, decoder_mlp_dim=64))
+  # A constant lr: with warmup the first step's lr would be 0 and prove nothing.
+  config.optim.update(dict(name=optimizer, schedule='constant', lr=LR, weight_decay=0.05))
+  config.mesh.update(mesh_shape)
+  return train.resolve_config(config, num_train_examples=1437)
+
+
+def run_steps(config, devices, num_steps=2):
+  """Losses of `num_steps` steps and the final parameters, as host arrays."""
+  method = methods.create(config)
+  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  schedule, tx = train.build_optimizer(config)
+  images = np.random.default_rng(0).integers(0, 256, (num_steps, 16, 16, 16, 1), np.uint8)
+  with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
+    graphdef, shardings = train.state_shardings_and_graphdef(method, tx, mesh, config.seed)
+    state = train.init_train_state(method, tx, shardings, config.seed)
+    step_fn = train.make_train_step(method, graphdef, tx, schedule, shardings, mesh)
+    losses = []
+    for i in range(num_steps):
+      batch = sharding.put_batch({'image': images[i]}, mesh)
+      state, metrics = step_fn(state, batch, jax.random.key(7))
+      losses.append(float(metrics['loss']))
+    params = jax.device_get(nnx.to_pure_dict(state['params']))
+    shard_shapes = jax.tree.map(lambda x: x.sharding.shard_shape(x.shape),
+                                nnx.to_pure_dict(state['params']))
+  return np.array(losses), params, shard_shapes
+
+
+def zero_gradient(path) -> bool:
+  # Softmax ignores a constant added to every logit, so the key bias gets no
+  # gradient; Adam turns float noise there into updates of size ~lr.
+  names = [getattr(p, 'key', getattr(p, 'idx', None)) for p in path]
+  return 'qkv' in names and 'bias' in names
+
+
+@functools.cache
+def one_device_run(optimizer: str):
+  return run_steps(tiny_config(optimizer, dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+
+
+@pytest.mark.parametrize('optimizer,mesh_shape', [
+    ('sgd', dict(data=8, fsdp=1, tensor=1)),
+    ('sgd', dict(data=1, fsdp=8, tensor=1)),
+    ('sgd', dict(data=2, fsdp=2, tensor=2)),
+    ('adamw', dict(data=2, fsdp=4, tensor=1)),
+], ids=['sgd-data8', 'sgd-fsdp8', 'sgd-data2-fsdp2-tensor2', 'adamw-data2-fsdp4'])
+def test_eight_devices_match_one(optimizer, mesh_shape):
+  losses_1, params_1, _ = one_device_run(optimizer)
+  losses_8, params_8, shard_shapes_8 = run_steps(tiny_config(optimizer, mesh_shape), jax.devices())
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5, atol=1e-6)
+  assert losses_1[1] != losses_1[0]  # The first step really changed the parameters.
+  flat_1 = jax.tree_util.tree_flatten_with_path(params_1)[0]
+  flat_8 = jax.tree.leaves(params_8)
+  for (path, p1), p8 in zip(flat_1, flat_8, strict=True):
+    # Adam turns float noise in a zero gradient into an update of up to lr per step.
+    atol = 2 * LR if optimizer == 'adamw' and zero_gradient(path) else 1e-5
+    np.testing.assert_allclose(p8, p1, rtol=1e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
+  # The parameters really were sharded the way the mesh asks.
+  kernel_shard = shard_shapes_8['encoder']['encoder']['blocks'][0]['mlp']['fc1']['kernel']
+  assert kernel_shard == (32 // mesh_shape['fsdp'], 64 // mesh_shape['tensor'])
