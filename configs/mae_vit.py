@@ -99,14 +99,14 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 def _local(config: ml_collections.ConfigDict) -> None:
   """CPU scale: a 4-block ViT on 16 px digits (16 patches), a few minutes on 2 cores."""
   config.data.update(dict(
-      source='digits:train', batch_size=256, image_size=16, channels=1,
+      source='digits:train', batch_size=128, image_size=16, channels=1,
       crop_scale=(0.35, 1.0), hflip=False,  # Mirrored digits are other glyphs.
       eval_crop_fraction=1.0, mean=(0.5,), std=(0.5,), num_workers=0))
   config.model.update(dict(
       patch_size=4, width=128, depth=4, num_heads=4, mlp_dim=256,
       decoder_width=64, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=128,
       dtype='float32'))
-  config.optim.update(dict(lr=1e-3, lr_scaling='none', warmup_epochs=None, warmup_steps=100))
+  config.optim.update(dict(lr=2e-3, lr_scaling='none', warmup_epochs=None, warmup_steps=100))
   config.train.update(dict(steps=1000, epochs=None, log_every=50, checkpoint_every=250,
                            eval_every=500))
   config.eval.update(dict(knn_train_source='digits:train', knn_test_source='digits:test',

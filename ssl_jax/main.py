@@ -10,9 +10,12 @@ Multi-process (several hosts, or processes on one host): pass
 environment.
 """
 
+import logging as std_logging
+import re
 import sys
 
 from absl import app, flags, logging
+from absl.logging import converter
 from ml_collections import config_flags
 
 from ssl_jax.errors import UserError
@@ -30,9 +33,6 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
 flags.mark_flags_as_required(['config', 'workdir'])
-# Orbax and grain log every save at INFO; the progress lines go to stdout
-# anyway. --verbosity=0 brings the INFO logs back.
-flags.FLAGS.set_default('verbosity', logging.WARNING)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -42,12 +42,17 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (KeyError, AttributeError) as e:
     bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
     unknown = [a for a in bad if not _config_has(a[len('--config.'):])]
-    names = ', '.join(unknown) or ', '.join(bad)
-    sys.exit(f'error: unknown config key {names} ({e}).\n'
-             'Keys that exist are listed in the config file and in WORKDIR/config.json.')
+    hint = re.search(r'Did you mean "\w+"', str(e))
+    sys.exit(f'error: unknown config key {", ".join(unknown or bad)}'
+             + (f' ({hint.group(0).lower()}?)' if hint else '') +
+             '\nThe keys are those of the config file (and of WORKDIR/config.json).')
   except flags.Error as e:
-    sys.exit(f'error: {e}\nUsage: python -m ssl_jax.main --config=configs/X.py[:VARIANT] '
-             '--workdir=DIR [--config.KEY=VALUE ...]')
+    message = str(e)
+    if 'Traceback' in message:  # A config file that raised: keep its last line.
+      lines = [line for line in message.splitlines() if line.strip()]
+      message = f'{lines[0]} {lines[-1]}'
+    sys.exit(f'error: {message}\nUsage: python -m ssl_jax.main '
+             '--config=configs/X.py[:VARIANT] --workdir=DIR [--config.KEY=VALUE ...]')
 
 
 def _config_has(dotted: str) -> bool:
@@ -67,6 +72,11 @@ def main(argv: list[str]) -> None:
   """Starts jax.distributed if asked, then trains."""
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
+  # absl leaves Python's root logger at INFO, where jax, Orbax and grain log
+  # every backend probe and save; follow --verbosity (default: warnings).
+  verbosity = flags.FLAGS.verbosity if flags.FLAGS['verbosity'].present else -1
+  std_logging.getLogger().setLevel(converter.absl_to_standard(verbosity))
+  logging.set_verbosity(verbosity)
   import jax  # After flag parsing, so a bad flag costs no jax start-up.
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,

@@ -27,11 +27,17 @@ class MetricWriter:
 
   def __init__(self, workdir: epath.PathLike, *, enabled: bool = True):
     self.enabled = enabled
-    self._jsonl = epath.Path(workdir) / 'metrics.jsonl'
-    self._tb = None
-    if enabled:
+    self._workdir = epath.Path(workdir)
+    self._jsonl = self._workdir / 'metrics.jsonl'
+    self._tb_writer = None
+
+  @property
+  def _tb(self):
+    """The TensorBoard writer, opened at the first write (no empty event files)."""
+    if self._tb_writer is None:
       import tensorboardX  # Imported here: only process 0 needs it.
-      self._tb = tensorboardX.SummaryWriter(logdir=str(workdir), flush_secs=10)
+      self._tb_writer = tensorboardX.SummaryWriter(logdir=str(self._workdir), flush_secs=10)
+    return self._tb_writer
 
   def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
     """One metrics.jsonl line and one TensorBoard scalar per key."""
@@ -49,15 +55,10 @@ class MetricWriter:
     if self.enabled:
       self._tb.add_image(name, picture, int(step), dataformats='HWC')
 
-  def flush(self) -> None:
-    """Pushes pending TensorBoard events to disk."""
-    if self.enabled:
-      self._tb.flush()
-
   def close(self) -> None:
     """Flushes and closes the event file."""
-    if self.enabled:
-      self._tb.close()
+    if self._tb_writer is not None:
+      self._tb_writer.close()
 
 
 def truncate_jsonl(workdir: epath.PathLike, last_step: int) -> None:

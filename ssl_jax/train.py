@@ -253,7 +253,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config.data, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
   config = resolve_config(config, len(source))
-  write_config(config, workdir)
   method = methods.create(config)
   schedule, tx = build_optimizer(config)
   log_line(f'{config.method}: {config.train.steps} steps of batch {config.data.batch_size} '
@@ -274,6 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               rng=jax.random.fold_in(jax.random.key(config.seed), 1))  # Init used Rngs(seed).
     try:
       state = restore_or_init(job, tx, shardings)
+      write_config(config, workdir)  # Only now: a failed restore must change no file.
       state, batch, stopped = train_loop(job, state)
       return {} if stopped else finish(job, state, batch)
     finally:

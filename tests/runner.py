@@ -1,0 +1,66 @@
+"""Runs `python -m ssl_jax.main` in a child process, as a user would."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# A few-second MAE run: the :local recipe on a smaller model and batch.
+TINY = (
+    '--config.data.batch_size=32',
+    '--config.model.width=32', '--config.model.depth=1', '--config.model.mlp_dim=64',
+    '--config.model.decoder_width=32', '--config.model.decoder_depth=1',
+    '--config.model.decoder_mlp_dim=64',
+    '--config.optim.warmup_steps=5',
+    '--config.train.log_every=1',
+    '--config.train.eval_every=0',
+    "--config.eval.knn_train_source=",
+)
+
+
+def child_env(fast_compile: bool = True, devices: int = 1) -> dict[str, str]:
+  """Environment for a child run: its own device count, optional cheap compiles."""
+  env = dict(os.environ)
+  flags = [f'--xla_force_host_platform_device_count={devices}']
+  if fast_compile:
+    flags.append('--xla_backend_optimization_level=0')
+  env['XLA_FLAGS'] = ' '.join(flags)
+  env['PYTHONUNBUFFERED'] = '1'
+  return env
+
+
+def main_command(workdir, *overrides, config='configs/mae_vit.py:local') -> list[str]:
+  """The argv of one trainer run."""
+  return [sys.executable, '-m', 'ssl_jax.main', f'--config={config}', f'--workdir={workdir}',
+          *overrides]
+
+
+def run_main(workdir, *overrides, timeout=600, **env_options) -> subprocess.CompletedProcess:
+  """Runs the trainer to completion; returns its output (stdout and stderr as text)."""
+  return subprocess.run(main_command(workdir, *overrides), cwd=REPO, env=child_env(**env_options),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(workdir) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl."""
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def restore_state(workdir, step: int) -> dict:
+  """The saved train state at `step` as host numpy arrays (no target needed)."""
+  manager = ocp.CheckpointManager(pathlib.Path(workdir) / 'checkpoints',
+                                  item_names=('state', 'data'))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  leaves = jax.tree_util.tree_flatten_with_path(restored.state)[0]
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}

@@ -1,0 +1,95 @@
+"""The command line as a user meets it: the :local job learns; bad input fails clearly."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from ssl_jax import checkpoint, sharding
+from ssl_jax.eval import knn
+from tests import runner
+
+
+def check_local_run(workdir, result, steps):
+  """What every :local run must show: falling loss, kNN above random init, outputs."""
+  assert result.returncode == 0, result.stdout + result.stderr
+  records = runner.read_metrics(workdir)
+  train = [r for r in records if 'loss' in r]
+  assert [r['step'] for r in train][-1] == steps
+  for key in ('lr', 'steps_per_sec', 'images_per_sec', 'grad_norm'):
+    assert key in train[-1]
+  first, last = train[0]['loss'], train[-1]['loss']
+  assert last < 0.7 * first, (first, last)
+  final = [r for r in records if 'knn_top1' in r][-1]
+  assert final['knn_top1'] > final['knn_top1_random_init'] + 0.03, final
+  assert final['knn_top1'] > 0.8  # Ten classes: chance is 0.1.
+  assert 'kNN top-1' in result.stdout and 'random init' in result.stdout
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['train']['steps'] == steps and config['optim']['peak_lr'] > 0
+  assert list((workdir / 'images').glob('step_*.png'))
+  assert list(workdir.glob('events.out.tfevents.*'))
+  return final
+
+
+def test_local_config_learns(tmp_path):
+  """The :local job exactly as the README runs it (about 2 minutes on 2 cores)."""
+  start = time.time()
+  result = runner.run_main(tmp_path, fast_compile=False)
+  final = check_local_run(tmp_path, result, 1000)
+  print(f'\n:local wall time {time.time() - start:.0f} s; {final}')
+  # The exported encoder reloads and gives the same kNN accuracy as the trainer logged.
+  encoder, method = checkpoint.load_encoder(tmp_path / 'export')
+  config = checkpoint.load_config(tmp_path / 'export' / 'config.json')
+  mesh = sharding.make_mesh(sharding.mesh_config())  # load_encoder's default: all 8 devices.
+  assert abs(knn.KnnEvaluator(config, method, mesh)(encoder) - final['knn_top1']) <= 1 / 360
+
+
+def run_expecting_error(tmp_path, *overrides, config='configs/mae_vit.py:local'):
+  start = time.time()
+  result = runner.subprocess.run(
+      runner.main_command(tmp_path / 'w', *overrides, config=config), cwd=runner.REPO,
+      env=runner.child_env(), capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr, result.stderr
+  return result.stderr, time.time() - start
+
+
+def test_unknown_config_key_is_named(tmp_path):
+  stderr, _ = run_expecting_error(tmp_path, '--config.train.stepz=5')
+  assert 'unknown config key --config.train.stepz' in stderr
+  assert 'did you mean "steps"' in stderr
+  stderr, _ = run_expecting_error(tmp_path, '--config.nosuch.key=1')
+  assert 'unknown config key --config.nosuch.key' in stderr
+
+
+def test_unknown_variant_is_named(tmp_path):
+  stderr, _ = run_expecting_error(tmp_path, config='configs/mae_vit.py:vit_z')
+  assert "Unknown variant 'vit_z'" in stderr
+
+
+def test_missing_imagenet_fails_fast_with_instructions(tmp_path):
+  data_dir = tmp_path / 'tfds'
+  stderr, seconds = run_expecting_error(tmp_path, f'--config.data.tfds_dir={data_dir}',
+                                        config='configs/mae_vit.py')
+  assert str(data_dir) in stderr and 'tfds build imagenet2012' in stderr
+  assert 'folder:' in stderr  # The TensorFlow-free alternative.
+  assert seconds < 30
+  assert not (tmp_path / 'w' / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('source,message', [
+    ('folder:/no/such/dir', "no such directory '/no/such/dir'"),
+    ('npz:/no/such.npz', "no such file '/no/such.npz'"),
+    ('digits:nosplit', 'nosplit'),
+])
+def test_bad_data_source_names_the_problem(tmp_path, source, message):
+  stderr, seconds = run_expecting_error(tmp_path, f'--config.data.source={source}')
+  assert message in stderr and seconds < 30
+
+
+def test_malformed_npz_is_rejected(tmp_path):
+  path = tmp_path / 'bad.npz'
+  np.savez(path, images=np.zeros((10, 8, 8, 5), np.uint8))  # 5 channels.
+  stderr, _ = run_expecting_error(tmp_path, f'--config.data.source=npz:{path}')
+  assert str(path) in stderr and '(10, 8, 8, 5)' in stderr and 'C 1 or 3' in stderr

@@ -1,0 +1,105 @@
+"""A run killed at any point and rerun ends exactly where an uninterrupted run ends."""
+
+import pathlib
+import signal
+import subprocess
+import time
+
+import numpy as np
+
+from tests import runner
+
+STEPS = ('--config.train.steps=40', '--config.train.checkpoint_every=10')
+
+
+def start(workdir) -> subprocess.Popen:
+  return subprocess.Popen(runner.main_command(workdir, *runner.TINY, *STEPS), cwd=runner.REPO,
+                          env=runner.child_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(process: subprocess.Popen, workdir, step: int, timeout=300) -> int:
+  """Polls metrics.jsonl until `step` is logged; returns the last logged step."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    logged = [r['step'] for r in runner.read_metrics(workdir) if 'loss' in r]
+    if logged and logged[-1] >= step:
+      return logged[-1]
+    assert process.poll() is None, f'run ended early:\n{process.stdout.read()}'
+    time.sleep(0.02)
+  raise TimeoutError(f'step {step} not reached')
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / 'checkpoints').iterdir()
+                if p.name.isdigit())
+
+
+def test_kill_and_sigterm_then_resume_equals_uninterrupted(tmp_path):
+  straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
+  done = runner.run_main(straight, *runner.TINY, *STEPS)
+  assert done.returncode == 0, done.stdout + done.stderr
+
+  # 1. SIGKILL between checkpoints: everything after step 20's checkpoint is lost.
+  process = start(interrupted)
+  killed_after = wait_for_step(process, interrupted, 23)
+  process.kill()
+  process.wait()
+  saved = checkpoint_steps(interrupted)
+  assert max(saved) < killed_after, (saved, killed_after)  # Killed between checkpoints.
+
+  # 2. Rerun; this time SIGTERM, which saves a checkpoint at the current step.
+  process = start(interrupted)
+  stopped_after = wait_for_step(process, interrupted, 33)
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=120)[0]
+  assert process.returncode == 0, output
+  assert 'Stopped by signal' in output and 'Resumed from' in output
+  stop_step = max(checkpoint_steps(interrupted))
+  assert stop_step >= stopped_after and stop_step % 10, (stop_step, stopped_after)
+
+  # 3. Rerun to the end.
+  finished = runner.run_main(interrupted, *runner.TINY, *STEPS)
+  assert finished.returncode == 0, finished.stdout + finished.stderr
+  assert f'Resumed from {interrupted / "checkpoints" / str(stop_step)}' in finished.stdout
+
+  # Same parameters, optimizer state and data position as the uninterrupted run...
+  want, got = runner.restore_state(straight, 40), runner.restore_state(interrupted, 40)
+  assert want.keys() == got.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  # ... and the same loss at every step, each step logged once.
+  def losses(workdir):
+    return [(r['step'], r['loss']) for r in runner.read_metrics(workdir) if 'loss' in r]
+  assert losses(interrupted) == losses(straight)
+  assert [s for s, _ in losses(straight)] == list(range(1, 41))
+
+
+def test_finished_run_reruns_without_training(tmp_path):
+  first = runner.run_main(tmp_path, *runner.TINY, '--config.train.steps=6')
+  assert first.returncode == 0, first.stdout + first.stderr
+  again = runner.run_main(tmp_path, *runner.TINY, '--config.train.steps=6')
+  assert again.returncode == 0, again.stdout + again.stderr
+  assert 'Resumed from' in again.stdout and 'Compiling the train step' not in again.stdout
+  assert [r['step'] for r in runner.read_metrics(tmp_path) if 'loss' in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_corrupt_checkpoint_gives_clear_error_and_deletes_nothing(tmp_path):
+  first = runner.run_main(tmp_path, *runner.TINY, '--config.train.steps=6',
+                          '--config.train.checkpoint_every=2')
+  assert first.returncode == 0, first.stdout + first.stderr
+  state_dir = tmp_path / 'checkpoints' / '6' / 'state'
+  for f in state_dir.rglob('*'):
+    if f.is_file() and f.stat().st_size > 1000:  # Array data files.
+      f.write_bytes(b'garbage' * 10)
+  before = file_contents(tmp_path)
+  again = runner.run_main(tmp_path, *runner.TINY, '--config.train.steps=8',
+                          '--config.train.checkpoint_every=2')
+  assert again.returncode != 0
+  assert 'Cannot restore checkpoint step 6' in again.stderr, again.stderr
+  assert 'Nothing was deleted' in again.stderr and 'Traceback' not in again.stderr
+  assert file_contents(tmp_path) == before  # Not a byte changed, config.json included.
+
+
+def file_contents(directory) -> dict:
+  return {p.relative_to(directory): p.read_bytes() for p in directory.rglob('*') if p.is_file()}
