@@ -30,6 +30,11 @@ class MetricWriter:
     self._workdir = epath.Path(workdir)
     self._jsonl = self._workdir / 'metrics.jsonl'
     self._tb_writer = None
+    # Object stores (gs://) cannot append: keep the text and rewrite the file,
+    # at most once a minute and at close.
+    self._remote = '://' in str(self._workdir)
+    self._remote_text = self._jsonl.read_text() if self._remote and self._jsonl.exists() else ''
+    self._remote_saved = time.monotonic()
 
   @property
   def _tb(self):
@@ -44,8 +49,14 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {'step': int(step), **{k: _to_python(v) for k, v in scalars.items()}}
-    with self._jsonl.open('a') as f:
-      f.write(json.dumps(record) + '\n')
+    line = json.dumps(record) + '\n'
+    if self._remote:
+      self._remote_text += line
+      if time.monotonic() - self._remote_saved > 60:
+        self._save_remote()
+    else:
+      with self._jsonl.open('a') as f:
+        f.write(line)
     for key, value in record.items():
       if key != 'step' and isinstance(value, (int, float)):
         self._tb.add_scalar(key, value, int(step))
@@ -55,20 +66,29 @@ class MetricWriter:
     if self.enabled:
       self._tb.add_image(name, picture, int(step), dataformats='HWC')
 
+  def truncate(self, last_step: int) -> None:
+    """Drops metrics.jsonl lines logged after `last_step` (work a resume will redo)."""
+    if not self.enabled:
+      return
+    text = self._remote_text if self._remote else (
+        self._jsonl.read_text() if self._jsonl.exists() else '')
+    kept = ''.join(line + '\n' for line in text.splitlines()
+                   if line.strip() and json.loads(line)['step'] <= last_step)
+    if self._remote:
+      self._remote_text = kept
+    if kept != text:
+      self._jsonl.write_text(kept)
+
+  def _save_remote(self) -> None:
+    self._jsonl.write_text(self._remote_text)
+    self._remote_saved = time.monotonic()
+
   def close(self) -> None:
-    """Flushes and closes the event file."""
+    """Writes what is pending and closes the event file."""
+    if self._remote and self.enabled:
+      self._save_remote()
     if self._tb_writer is not None:
       self._tb_writer.close()
-
-
-def truncate_jsonl(workdir: epath.PathLike, last_step: int) -> None:
-  """Drops metrics.jsonl lines logged after `last_step` (work a resume will redo)."""
-  path = epath.Path(workdir) / 'metrics.jsonl'
-  if not path.exists():
-    return
-  kept = [line for line in path.read_text().splitlines()
-          if line.strip() and json.loads(line)['step'] <= last_step]
-  path.write_text(''.join(line + '\n' for line in kept))
 
 
 class Progress:

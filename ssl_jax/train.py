@@ -34,7 +34,7 @@ from ssl_jax.data import pipeline
 from ssl_jax.errors import ConfigError
 from ssl_jax.eval import knn, pictures
 from ssl_jax.methods.base import Method
-from ssl_jax.metrics import MetricWriter, Progress, log_line, truncate_jsonl
+from ssl_jax.metrics import MetricWriter, Progress, log_line
 
 TrainState = dict[str, Any]
 
@@ -287,12 +287,12 @@ def restore_or_init(job: Job, tx: optax.GradientTransformation, shardings: Any) 
   latest = checkpointer.latest_step()
   if latest is None:
     log_line(f'No checkpoint in {checkpointer.directory}: starting from step 0.')
-    truncate_jsonl(job.workdir, 0)
+    job.writer.truncate(0)
     return init_train_state(job.method, tx, shardings, config.seed)
   abstract = jax.eval_shape(lambda: init_train_state(job.method, tx, shardings, config.seed))
   target = checkpoint.abstract_with_shardings(abstract, shardings)
   state = checkpointer.restore(latest, target, job.data_iter)
-  truncate_jsonl(job.workdir, latest)  # Later lines are work the resumed run redoes.
+  job.writer.truncate(latest)  # Later lines are work the resumed run redoes.
   log_line(f'Resumed from {checkpointer.directory / str(latest)} at step {latest}.')
   return state
 

@@ -12,9 +12,21 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_backend_optimization_level=0').strip()
 
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 # grain's multiprocess prefetch reads absl flags; tests run without app.run.
 flags.FLAGS.mark_as_parsed()
 
 assert jax.device_count() == 8, 'XLA_FLAGS was set too late: jax was already imported'
+
+
+@pytest.fixture
+def indexed_npz(tmp_path):
+  """100 random 10x10 RGB images whose label is their index: labels name examples."""
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (100, 10, 10, 3), dtype=np.uint8)
+  path = tmp_path / 'indexed.npz'
+  np.savez(path, images=images, labels=np.arange(100))
+  return f'npz:{path}', images

@@ -57,10 +57,22 @@ def read_metrics(workdir) -> list[dict]:
 
 
 def restore_state(workdir, step: int) -> dict:
-  """The saved train state at `step` as host numpy arrays (no target needed)."""
-  manager = ocp.CheckpointManager(pathlib.Path(workdir) / 'checkpoints',
-                                  item_names=('state', 'data'))
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  leaves = jax.tree_util.tree_flatten_with_path(restored.state)[0]
-  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+  """The saved train state at `step` as host arrays, keyed by tree path.
+
+  Restored onto one local device, whatever topology saved it.
+  """
+  path = pathlib.Path(workdir) / 'checkpoints' / str(step) / 'state'
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        checkpointer.metadata(path).item_metadata)
+  restored = checkpointer.restore(path, target)
+  checkpointer.close()
+  return flat_dict(restored)
+
+
+def flat_dict(tree) -> dict[str, np.ndarray]:
+  """{'params/encoder/.../kernel': array} for any pytree of arrays."""
+  def name(path):
+    return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+  return {name(p): np.asarray(leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

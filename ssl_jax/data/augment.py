@@ -14,6 +14,16 @@ from PIL import Image
 # ITU-R BT.601 luma weights, the ones Pillow's convert('L') uses.
 LUMA_601 = np.array([0.299, 0.587, 0.114], np.float32)
 
+# `config.data.interpolation` -> Pillow filter. MAE and DINO resize with
+# bicubic (torchvision `interpolation=3`); both antialias when shrinking.
+INTERPOLATIONS = {'bilinear': Image.Resampling.BILINEAR, 'bicubic': Image.Resampling.BICUBIC}
+
+
+def _filter(interpolation: str) -> Image.Resampling:
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f'interpolation={interpolation!r}; expected one of {sorted(INTERPOLATIONS)}')
+  return INTERPOLATIONS[interpolation]
+
 
 def _to_pil(image: np.ndarray) -> Image.Image:
   """uint8 (H, W, 1|3) -> a Pillow image in mode 'L' or 'RGB'."""
@@ -68,12 +78,13 @@ def random_resized_crop(
     size: int,
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    interpolation: str = 'bilinear',
 ) -> np.ndarray:
   """Inception-style random crop resized to (size, size); mirrors torchvision.
 
   The box is sampled like torchvision's `RandomResizedCrop` (see
-  `random_resized_crop_box`), then resized with Pillow's bilinear filter, which
-  antialiases when shrinking, as torchvision does on PIL images.
+  `random_resized_crop_box`), then resized with Pillow's bilinear or bicubic
+  filter, which antialiases when shrinking, as torchvision does on PIL images.
 
   Args:
     image: uint8 (H, W, C) with C 1 or 3.
@@ -81,15 +92,17 @@ def random_resized_crop(
     size: output height and width.
     scale: range of the crop's area as a fraction of the image's area.
     ratio: range of the crop's aspect ratio (width / height).
+    interpolation: 'bilinear' or 'bicubic'.
 
   Returns:
     uint8 (size, size, C).
   """
   height, width = image.shape[:2]
   top, left, h, w = random_resized_crop_box(height, width, rng, scale, ratio)
-  resized = _to_pil(image).resize(
-      (size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-  return _from_pil(resized)
+  # Crop, then resize, as torchvision's resized_crop: resizing with `box=`
+  # would let the filter read pixels outside the box.
+  crop = np.ascontiguousarray(image[top:top + h, left:left + w])
+  return _from_pil(_to_pil(crop).resize((size, size), _filter(interpolation)))
 
 
 def horizontal_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
@@ -99,7 +112,8 @@ def horizontal_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5)
   return image
 
 
-def center_crop_resize(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
+def center_crop_resize(image: np.ndarray, size: int, crop_fraction: float = 0.875,
+                       interpolation: str = 'bilinear') -> np.ndarray:
   """Eval transform: shorter side to round(size / crop_fraction), center size x size crop.
 
   The default 0.875 is the classic ImageNet 256 -> 224 evaluation; 1.0
@@ -118,7 +132,7 @@ def center_crop_resize(image: np.ndarray, size: int, crop_fraction: float = 0.87
     new_h, new_w = int(short * height / width), short
   top = int(round((new_h - size) / 2.0))
   left = int(round((new_w - size) / 2.0))
-  resized = _to_pil(image).resize((new_w, new_h), Image.Resampling.BILINEAR)
+  resized = _to_pil(image).resize((new_w, new_h), _filter(interpolation))
   return _from_pil(resized.crop((left, top, left + size, top + size)))
 
 

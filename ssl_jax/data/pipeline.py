@@ -19,7 +19,7 @@ very same batches, even with another num_workers or process_count.
 
 Config keys read from `config.data`: source, tfds_dir, batch_size (global),
 image_size, channels, crop_scale, crop_ratio, hflip, eval_crop_fraction,
-num_workers, prefetch.
+interpolation, num_workers, prefetch.
 """
 
 import dataclasses
@@ -46,11 +46,13 @@ class TrainTransform(grain.transforms.RandomMap):
   crop_ratio: tuple[float, float]
   hflip: bool
   channels: int
+  interpolation: str = 'bilinear'
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     """Augments one {'image', 'label'} example with grain's per-position rng."""
     image = augment.random_resized_crop(
-        element['image'], rng, self.image_size, self.crop_scale, self.crop_ratio)
+        element['image'], rng, self.image_size, self.crop_scale, self.crop_ratio,
+        self.interpolation)
     if self.hflip:
       image = augment.horizontal_flip(image, rng)
     return {'image': augment.to_channels(image, self.channels), 'label': element['label']}
@@ -63,16 +65,19 @@ class EvalTransform(grain.transforms.Map):
   image_size: int
   crop_fraction: float
   channels: int
+  interpolation: str = 'bilinear'
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
     """Prepares one {'image', 'label'} example for evaluation."""
-    image = augment.center_crop_resize(element['image'], self.image_size, self.crop_fraction)
+    image = augment.center_crop_resize(element['image'], self.image_size, self.crop_fraction,
+                                       self.interpolation)
     return {'image': augment.to_channels(image, self.channels),
             'label': element['label'], 'valid': np.bool_(True)}
 
 
-_TRAIN_KEYS = ('image_size', 'channels', 'crop_scale', 'crop_ratio', 'num_workers', 'prefetch')
-_EVAL_KEYS = ('image_size', 'channels', 'eval_crop_fraction', 'prefetch')
+_TRAIN_KEYS = ('image_size', 'channels', 'crop_scale', 'crop_ratio', 'interpolation',
+               'num_workers', 'prefetch')
+_EVAL_KEYS = ('image_size', 'channels', 'eval_crop_fraction', 'interpolation', 'prefetch')
 
 
 def _check_config(data: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
@@ -84,6 +89,8 @@ def _check_config(data: ml_collections.ConfigDict, keys: tuple[str, ...]) -> Non
                      '(low, high) with 0 < low <= high <= 1'),
       'crop_ratio': (lambda v: len(v) == 2 and 0 < v[0] <= v[1], '(low, high), 0 < low <= high'),
       'eval_crop_fraction': (lambda v: 0 < v <= 1, 'in (0, 1]'),
+      'interpolation': (lambda v: v in augment.INTERPOLATIONS,
+                        f'one of {sorted(augment.INTERPOLATIONS)}'),
       'num_workers': (lambda v: v >= 0, '>= 0'),
       'prefetch': (lambda v: v >= 0, '>= 0'),
   }
@@ -138,7 +145,8 @@ def train_dataset(
         f'{process_count} processes); lower the batch size or use more data')
   transform = TrainTransform(
       image_size=data.image_size, crop_scale=tuple(data.crop_scale),
-      crop_ratio=tuple(data.crop_ratio), hflip=data.hflip, channels=data.channels)
+      crop_ratio=tuple(data.crop_ratio), hflip=data.hflip, channels=data.channels,
+      interpolation=data.interpolation)
   # Decode and augment one example now so an unreadable source fails here.
   transform.random_map(source[0], np.random.default_rng(0))
 
@@ -227,7 +235,8 @@ def eval_batches(
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
   source = open_image_source(source_spec, tfds_dir=data.tfds_dir)
-  transform = EvalTransform(data.image_size, data.eval_crop_fraction, data.channels)
+  transform = EvalTransform(data.image_size, data.eval_crop_fraction, data.channels,
+                            data.interpolation)
   transform.map(source[0])  # An unreadable source fails here, not mid-eval.
 
   # The largest share decides the batch count every process must yield.

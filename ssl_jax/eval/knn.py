@@ -21,14 +21,17 @@ from ssl_jax.methods.base import Method
 
 # Eval batches of sources smaller than this are kept in host memory between evals.
 _CACHE_BYTES = 512 * 2**20
+# Host memory for one block of test x train similarities.
+_SIMILARITY_BYTES = 256 * 2**20
 
 
 def knn_predict(train_features: np.ndarray, train_labels: np.ndarray,
                 test_features: np.ndarray, *, k: int, temperature: float,
-                num_classes: int, chunk: int = 1024) -> np.ndarray:
+                num_classes: int) -> np.ndarray:
   """Temperature-weighted kNN votes; returns (N_test,) predicted labels."""
   train = train_features / np.linalg.norm(train_features, axis=1, keepdims=True).clip(1e-12)
   k = min(k, len(train))
+  chunk = max(1, _SIMILARITY_BYTES // (4 * len(train)))  # Test rows per similarity block.
   predictions = []
   for start in range(0, len(test_features), chunk):
     test = test_features[start:start + chunk]
