@@ -213,10 +213,16 @@ class StopSignal:
       signal.raise_signal(signum)
     self.requested = True
 
-  def agreed(self) -> bool:
-    """True if any process was asked to stop (all processes must stop together)."""
+  def agreed(self, step: int, every: int) -> bool:
+    """True if any process was asked to stop (all processes must stop together).
+
+    With several processes this is a collective, a sync point, so they only
+    compare flags every `every` steps; a single process checks every step.
+    """
     if jax.process_count() == 1:
       return self.requested
+    if step % every:
+      return False
     return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
 
   def restore(self) -> None:
@@ -326,7 +332,7 @@ def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
           job.writer.write_scalars(step, results)
       if step % config.train.checkpoint_every == 0 and step < total:
         job.checkpointer.save(step, state, job.data_iter)
-      if stop.agreed():
+      if stop.agreed(step, every=config.train.log_every):
         job.checkpointer.save(step, state, job.data_iter, force=True)
         log_line(f'Stopped by signal at step {step}; checkpoint saved. '
                  'Rerun the same command to resume.')

@@ -16,9 +16,11 @@ from flax import nnx
 
 from ssl_jax import checkpoint, methods, sharding, train
 from ssl_jax.data import pipeline
+from ssl_jax.eval import knn
 from tests import runner
 
-STEPS = ('--config.train.steps=6', '--config.train.checkpoint_every=3')
+STEPS = ('--config.train.steps=6', '--config.train.checkpoint_every=3',
+         '--config.eval.knn_train_source=digits:train')  # The kNN's cross-host gathers too.
 
 
 def free_port() -> int:
@@ -62,18 +64,23 @@ def reference_run(config, num_steps):
       state, metrics = step_fn(state, sharding.put_batch(batch, mesh), rng)
       losses.append(float(metrics['loss']))
     params = jax.device_get(nnx.to_pure_dict(state['params']))
-  return losses, params
+    encoder = method.encoder(nnx.merge(graphdef, state['params'], state['model_state']))
+    knn_top1 = knn.KnnEvaluator(config, method, mesh)(encoder)
+  return losses, params, knn_top1
 
 
 def test_two_processes_match_one_process_on_the_same_global_batches(tmp_path):
   outputs = run_two_processes(tmp_path)
   assert 'over 2 cpu devices' in outputs[0] and 'step 6/6' in outputs[0]
+  assert 'kNN top-1' in outputs[0]
   assert 'step ' not in outputs[1] and 'kNN' not in outputs[1]  # Only process 0 reports.
 
   config = checkpoint.load_config(tmp_path / 'config.json')
-  losses, params = reference_run(config, 6)
-  logged = [r['loss'] for r in runner.read_metrics(tmp_path) if 'loss' in r]
-  np.testing.assert_allclose(logged, losses, rtol=1e-5)
+  losses, params, knn_top1 = reference_run(config, 6)
+  records = runner.read_metrics(tmp_path)
+  np.testing.assert_allclose([r['loss'] for r in records if 'loss' in r], losses, rtol=1e-5)
+  # The kNN probe gathered every host's features: same accuracy as on one host.
+  assert abs([r for r in records if 'knn_top1' in r][-1]['knn_top1'] - knn_top1) <= 1 / 360
   saved = runner.restore_state(tmp_path, 6)
   for key, value in runner.flat_dict(params).items():
     np.testing.assert_allclose(saved[f'params/{key}/value'], value, rtol=1e-5, atol=1e-6,
