@@ -265,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            f'({config.train.steps_per_epoch} steps/epoch over {len(source)} examples of '
            f'{config.data.source}); peak lr {config.optim.peak_lr:.3g}; mesh '
            f'{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices')
+  log_line('data: ' + pipeline.describe_train(config.data, source, jax.process_count()))
 
   with sharding.activate(mesh, rules):
     graphdef, shardings = state_shardings_and_graphdef(method, tx, mesh, config.seed)
@@ -279,6 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               rng=jax.random.fold_in(jax.random.key(config.seed), 1))  # Init used Rngs(seed).
     try:
       state = restore_or_init(job, tx, shardings)
+      num_params = sum(x.size for x in jax.tree.leaves(state['params']))
+      log_line(f'model: {num_params / 1e6:.2f}M trainable parameters')
       write_config(config, workdir)  # Only now: a failed restore must change no file.
       state, batch, stopped = train_loop(job, state)
       return {} if stopped else finish(job, state, batch)

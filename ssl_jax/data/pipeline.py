@@ -178,7 +178,7 @@ def describe_train(data: ml_collections.ConfigDict, source: ImageSource,
   flip = ' + hflip' if data.hflip else ''
   return (
       f'{source.name} ({len(source)} images, {classes}) -> random_resized_crop '
-      f'{data.image_size}px scale={tuple(data.crop_scale)} ratio='
+      f'{data.image_size}px {data.interpolation} scale={tuple(data.crop_scale)} ratio='
       f'({data.crop_ratio[0]:.3g}, {data.crop_ratio[1]:.3g}){flip} -> {data.channels} channel(s); '
       f'batch {data.batch_size} = {data.batch_size // process_count} x {process_count} '
       f'process(es); {data.num_workers} worker process(es), {data.prefetch} prefetch thread(s)')
