@@ -56,3 +56,32 @@ def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array,
     target = (target - mean) / jnp.sqrt(var + 1e-6)
   per_patch = jnp.mean(jnp.square(pred - target), axis=-1)  # (B, L)
   return jnp.sum(per_patch * mask) / jnp.sum(mask)
+
+
+def ntxent_loss(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
+  """SimCLR's NT-Xent (Chen et al. 2020, eq. 1), mean over all 2N anchors.
+
+  Row i of `z1` and row i of `z2` are two views of one example; for anchor
+  z1[i] the positive is z2[i] and the 2N - 2 other rows of both views are
+  negatives (and symmetrically for z2[i]). Similarity is cosine similarity
+  divided by `temperature`. Under `jit` with a batch sharded over devices the
+  (2N, 2N) similarity matrix spans the global batch, so every example on
+  every device is a negative: no explicit all-gather is needed.
+
+  Args:
+    z1: (N, D) projections of the first views.
+    z2: (N, D) projections of the second views.
+    temperature: the softmax temperature tau.
+
+  Returns:
+    The scalar loss. (The SimCLR code reports the sum of the two views' means,
+    twice this value.)
+  """
+  z = jnp.concatenate([z1, z2]).astype(jnp.float32)  # (2N, D)
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  num = z1.shape[0]
+  logits = z @ z.T / temperature  # (2N, 2N)
+  logits = jnp.where(jnp.eye(2 * num, dtype=bool), -jnp.inf, logits)  # No self-pairs.
+  positive = jnp.concatenate([jnp.arange(num, 2 * num), jnp.arange(num)])  # (2N,)
+  positive_logits = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - positive_logits)

@@ -1,11 +1,11 @@
 """Optimizers and learning-rate schedules built from `config.optim`.
 
-Keys: `name` (adamw | sgd), `lr` (the base learning rate), `lr_scaling`
+Keys: `name` (adamw | lars | sgd), `lr` (the base learning rate), `lr_scaling`
 ('linear': peak lr = lr * global batch / 256, the convention of the MAE,
 SimCLR and DINO papers; 'none': peak lr = lr), `schedule`
 (warmup_cosine | warmup_linear | constant), `warmup_steps` / `warmup_epochs`,
-`min_lr`, `weight_decay`, `b1`, `b2`, `eps`, `momentum`, `grad_clip_norm`
-(0 = off).
+`min_lr`, `weight_decay`, `b1`, `b2`, `eps`, `momentum`, `trust_coefficient`
+(LARS), `grad_clip_norm` (0 = off).
 """
 
 import jax
@@ -47,13 +47,23 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, peak_lr: float,
                    'warmup_linear or constant')
 
 
-def decay_mask(params):
-  """Weight decay on matrices and kernels only; biases and norm scales are exempt.
+# Parameters under a module of this name form an online probe (a classifier on
+# stop-gradient features, trained alongside): never decayed or LARS-adapted.
+PROBE_MODULE = 'online_probe'
 
-  The MAE/timm rule (`optim_factory.add_weight_decay`): no decay for 1-D
-  parameters. Tokens of shape (1, 1, D) are decayed, as in MAE pretraining.
+
+def decay_mask(params):
+  """Weight decay (and LARS adaptation) on kernels only; biases, norms, probes exempt.
+
+  The MAE/timm rule (`optim_factory.add_weight_decay`) exempts 1-D parameters;
+  tokens of shape (1, 1, D) are decayed, as in MAE pretraining. SimCLR's LARS
+  (`exclude_from_weight_decay=['batch_normalization', 'bias', 'head_supervised']`)
+  is the same rule plus the supervised probe.
   """
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+  def decayed(path, param):
+    in_probe = any(getattr(key, 'key', None) == PROBE_MODULE for key in path)
+    return param.ndim > 1 and not in_probe
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def build_optimizer(optim: ml_collections.ConfigDict,
@@ -62,11 +72,17 @@ def build_optimizer(optim: ml_collections.ConfigDict,
   if optim.name == 'adamw':
     tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                      weight_decay=optim.weight_decay, mask=decay_mask)
+  elif optim.name == 'lars':
+    # You et al. 2017 as SimCLR uses it: decay, then the layer-wise trust ratio
+    # eta * |w| / |g|, then momentum; both skip the parameters decay_mask exempts.
+    tx = optax.lars(schedule, weight_decay=optim.weight_decay, weight_decay_mask=decay_mask,
+                    trust_coefficient=optim.trust_coefficient, eps=0.0,
+                    trust_ratio_mask=decay_mask, momentum=optim.momentum)
   elif optim.name == 'sgd':
     tx = optax.chain(optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
                      optax.sgd(schedule, momentum=optim.momentum or None))
   else:
-    raise ConfigError(f'config.optim.name={optim.name!r}: expected adamw or sgd')
+    raise ConfigError(f'config.optim.name={optim.name!r}: expected adamw, lars or sgd')
   if optim.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
   return tx
@@ -87,6 +103,7 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
       'b2': 0.999,
       'eps': 1e-8,
       'momentum': 0.9,
+      'trust_coefficient': 0.001,  # LARS eta.
       'grad_clip_norm': 0.0,
   })
   optim.update(overrides)

@@ -16,7 +16,6 @@ import copy
 import dataclasses
 import json
 import signal
-import time
 from typing import Any
 
 import jax
@@ -32,7 +31,7 @@ from jax.experimental import multihost_utils
 from ssl_jax import checkpoint, methods, optim, sharding
 from ssl_jax.data import pipeline
 from ssl_jax.errors import ConfigError
-from ssl_jax.eval import knn, pictures
+from ssl_jax.eval.evaluator import Evaluator
 from ssl_jax.methods.base import Method
 from ssl_jax.metrics import MetricWriter, Progress, log_line
 
@@ -143,7 +142,8 @@ def make_train_step(method: Method, graphdef: nnx.GraphDef, tx: optax.GradientTr
     model = nnx.merge(graphdef, params, model_state, copy=True)
     method.after_step(model, step)
     _, params, model_state = nnx.split(model, nnx.Param, ...)
-    metrics = {**metrics, 'loss': loss, 'lr': schedule(step),
+    # A method may report its pretext loss as 'loss' when it optimises more (a probe).
+    metrics = {'loss': loss, **metrics, 'lr': schedule(step),
                'grad_norm': optax.tree.norm(grads), 'param_norm': optax.tree.norm(params)}
     new_state = {'step': step + 1, 'params': params, 'model_state': model_state,
                  'opt_state': opt_state}
@@ -151,47 +151,6 @@ def make_train_step(method: Method, graphdef: nnx.GraphDef, tx: optax.GradientTr
 
   return jax.jit(train_step, donate_argnums=0,
                  out_shardings=(shardings, sharding.replicated(mesh)))
-
-
-# ------------------------------------------------------------------------------
-# Evals.
-# ------------------------------------------------------------------------------
-class Evaluator:
-  """Runs the configured evals on a train state: kNN probe and pictures."""
-
-  def __init__(self, config: ml_collections.ConfigDict, method: Method,
-               graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh, writer: MetricWriter,
-               workdir: epath.Path):
-    self.config, self.method, self.graphdef = config, method, graphdef
-    self.writer, self.workdir = writer, workdir
-    self.knn = knn.KnnEvaluator(config, method, mesh) if config.eval.knn_train_source else None
-    self._visualize = jax.jit(lambda params, rest, batch, rng: method.visualize(
-        nnx.merge(graphdef, params, rest), batch, rng))
-
-  def encoder(self, state: TrainState) -> nnx.Module:
-    """The method's encoder, sharing the train state's arrays."""
-    return self.method.encoder(nnx.merge(self.graphdef, state['params'], state['model_state']))
-
-  def __call__(self, state: TrainState, batch: dict, rng: jax.Array) -> dict[str, float]:
-    """Eval metrics for `state`; saves a picture under images/ when the method draws one."""
-    step = int(state['step'])
-    results = {}
-    if self.knn is not None:
-      start = time.perf_counter()
-      results['knn_top1'] = self.knn(self.encoder(state))
-      results['knn_seconds'] = time.perf_counter() - start
-    if self.config.eval.pictures:
-      arrays = self._visualize(state['params'], state['model_state'], batch, rng)
-      if arrays is not None:
-        picture = self.method.render(multihost_utils.process_allgather(arrays, tiled=True))
-        if jax.process_index() == 0:
-          pictures.save_png(picture, self.workdir / 'images' / f'step_{step:07d}.png')
-        self.writer.write_image(step, 'reconstructions', picture)
-    return results
-
-  def random_init_knn(self) -> float:
-    """kNN accuracy of a freshly initialised encoder of the same shape (a baseline)."""
-    return self.knn(self.method.build_encoder(nnx.Rngs(self.config.seed)))
 
 
 # ------------------------------------------------------------------------------
@@ -357,14 +316,17 @@ def finish(job: Job, state: TrainState, batch: Any) -> dict[str, float]:
   if batch is None:  # Resumed a finished run: draw a batch for the pictures.
     batch = sharding.put_batch(next(job.data_iter), job.mesh)
   results = evaluator(state, batch, job.rng)
-  if evaluator.knn is not None and config.eval.random_init_baseline:
+  if evaluator.knn and config.eval.random_init_baseline:
     results['knn_top1_random_init'] = evaluator.random_init_knn()
   job.writer.write_scalars(step, results)
   if 'knn_top1' in results:
     baseline = results.get('knn_top1_random_init')
-    log_line(f'kNN top-1 (k={config.eval.knn_k}, {config.eval.knn_train_source} -> '
-             f'{config.eval.knn_test_source}): trained {results["knn_top1"]:.4f}'
+    log_line(f'kNN top-1 (k={config.eval.knn_k}, {config.eval.train_source} -> '
+             f'{config.eval.test_source}): trained {results["knn_top1"]:.4f}'
              + ('' if baseline is None else f' | random init {baseline:.4f}'))
+  if 'probe_top1' in results:
+    log_line(f'online linear probe top-1 on {config.eval.test_source}: '
+             f'{results["probe_top1"]:.4f}')
   export_dir = checkpoint.export_encoder(job.workdir / 'export', evaluator.encoder(state), config)
   log_line(f'Encoder exported to {export_dir}')
   logging.info('Final results: %s', results)

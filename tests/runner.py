@@ -10,6 +10,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ssl_jax.eval import knn
+from ssl_jax.eval.evaluator import EvalData
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # A few-second MAE run: the :local recipe on a smaller model and batch.
@@ -21,7 +24,7 @@ TINY = (
     '--config.optim.warmup_steps=5',
     '--config.train.log_every=1',
     '--config.train.eval_every=0',
-    "--config.eval.knn_train_source=",
+    '--config.eval.knn=False',
 )
 
 
@@ -76,3 +79,11 @@ def flat_dict(tree) -> dict[str, np.ndarray]:
   def name(path):
     return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
   return {name(p): np.asarray(leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def knn_top1(config, method, encoder, mesh) -> float:
+  """The trainer's kNN probe, recomputed for an encoder outside the trainer."""
+  data = EvalData(config)
+  return knn.knn_accuracy(method, encoder, data(config.eval.train_source),
+                          data(config.eval.test_source), mesh, k=config.eval.knn_k,
+                          temperature=config.eval.knn_temperature)

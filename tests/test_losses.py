@@ -72,3 +72,34 @@ def test_mae_loss_ignores_visible_patches_and_uses_unbiased_variance():
   assert abs(want - np.mean(biased ** 2)) > 0.1  # The two conventions really differ here.
   np.testing.assert_allclose(float(losses.mae_loss(pred, target, mask, False)),
                              np.mean(target[0, 1] ** 2), rtol=1e-6)
+
+
+def numpy_ntxent(z1, z2, tau):
+  """NT-Xent written from the paper's formula, one anchor at a time."""
+  z = np.concatenate([z1, z2]).astype(np.float64)
+  n = len(z1)
+  total = 0.0
+  for i in range(2 * n):
+    j = (i + n) % (2 * n)  # The other view of the same example.
+    sim = np.array([z[i] @ z[k] / (np.linalg.norm(z[i]) * np.linalg.norm(z[k]))
+                    for k in range(2 * n)])
+    denominator = sum(np.exp(sim[k] / tau) for k in range(2 * n) if k != i)
+    total += -np.log(np.exp(sim[j] / tau) / denominator)
+  return total / (2 * n)
+
+
+@pytest.mark.parametrize('tau', [0.1, 0.5])
+def test_ntxent_matches_numpy(tau):
+  rng = np.random.default_rng(2)
+  z1, z2 = rng.normal(size=(2, 6, 5)).astype(np.float32)
+  np.testing.assert_allclose(float(losses.ntxent_loss(z1, z2, tau)), numpy_ntxent(z1, z2, tau),
+                             rtol=1e-5)
+
+
+def test_ntxent_prefers_aligned_views_and_ignores_scale():
+  rng = np.random.default_rng(3)
+  z1 = rng.normal(size=(8, 16)).astype(np.float32)
+  aligned = float(losses.ntxent_loss(z1, 3.0 * z1, 0.1))  # Cosine similarity ignores scale.
+  np.testing.assert_allclose(aligned, float(losses.ntxent_loss(z1, z1, 0.1)), rtol=1e-4)
+  shuffled = float(losses.ntxent_loss(z1, z1[::-1], 0.1))
+  assert aligned < shuffled

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from ssl_jax import checkpoint, sharding
-from ssl_jax.eval import knn
 from tests import runner
 
 
@@ -42,7 +41,7 @@ def test_local_config_learns(tmp_path):
   encoder, method = checkpoint.load_encoder(tmp_path / 'export')
   config = checkpoint.load_config(tmp_path / 'export' / 'config.json')
   mesh = sharding.make_mesh(sharding.mesh_config())  # load_encoder's default: all 8 devices.
-  assert abs(knn.KnnEvaluator(config, method, mesh)(encoder) - final['knn_top1']) <= 1 / 360
+  assert abs(runner.knn_top1(config, method, encoder, mesh) - final['knn_top1']) <= 1 / 360
 
 
 def run_expecting_error(tmp_path, *overrides, config='configs/mae_vit.py:local'):

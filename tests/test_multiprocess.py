@@ -16,11 +16,10 @@ from flax import nnx
 
 from ssl_jax import checkpoint, methods, sharding, train
 from ssl_jax.data import pipeline
-from ssl_jax.eval import knn
 from tests import runner
 
 STEPS = ('--config.train.steps=6', '--config.train.checkpoint_every=3',
-         '--config.eval.knn_train_source=digits:train')  # The kNN's cross-host gathers too.
+         '--config.eval.knn=True')  # The kNN's cross-host gathers too.
 
 
 def free_port() -> int:
@@ -65,7 +64,7 @@ def reference_run(config, num_steps):
       losses.append(float(metrics['loss']))
     params = jax.device_get(nnx.to_pure_dict(state['params']))
     encoder = method.encoder(nnx.merge(graphdef, state['params'], state['model_state']))
-    knn_top1 = knn.KnnEvaluator(config, method, mesh)(encoder)
+    knn_top1 = runner.knn_top1(config, method, encoder, mesh)
   return losses, params, knn_top1
 
 

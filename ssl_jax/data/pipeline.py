@@ -19,7 +19,7 @@ very same batches, even with another num_workers or process_count.
 
 Config keys read from `config.data`: source, tfds_dir, batch_size (global),
 image_size, channels, crop_scale, crop_ratio, hflip, eval_crop_fraction,
-interpolation, num_workers, prefetch.
+interpolation, train_crop, num_workers, prefetch.
 """
 
 import dataclasses
@@ -39,7 +39,11 @@ Batch = dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform(grain.transforms.RandomMap):
-  """Random-resized crop, optional horizontal flip, then channel conversion."""
+  """Random-resized crop + optional flip (or a fixed center crop), then channels.
+
+  `train_crop='center'` is for methods that augment on device (SimCLR, DINO):
+  the host only decodes and takes the center square at `image_size`.
+  """
 
   image_size: int
   crop_scale: tuple[float, float]
@@ -47,14 +51,19 @@ class TrainTransform(grain.transforms.RandomMap):
   hflip: bool
   channels: int
   interpolation: str = 'bilinear'
+  train_crop: str = 'random_resized'
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     """Augments one {'image', 'label'} example with grain's per-position rng."""
-    image = augment.random_resized_crop(
-        element['image'], rng, self.image_size, self.crop_scale, self.crop_ratio,
-        self.interpolation)
-    if self.hflip:
-      image = augment.horizontal_flip(image, rng)
+    if self.train_crop == 'center':
+      image = augment.center_crop_resize(element['image'], self.image_size, 1.0,
+                                         self.interpolation)
+    else:
+      image = augment.random_resized_crop(
+          element['image'], rng, self.image_size, self.crop_scale, self.crop_ratio,
+          self.interpolation)
+      if self.hflip:
+        image = augment.horizontal_flip(image, rng)
     return {'image': augment.to_channels(image, self.channels), 'label': element['label']}
 
 
@@ -76,7 +85,7 @@ class EvalTransform(grain.transforms.Map):
 
 
 _TRAIN_KEYS = ('image_size', 'channels', 'crop_scale', 'crop_ratio', 'interpolation',
-               'num_workers', 'prefetch')
+               'train_crop', 'num_workers', 'prefetch')
 _EVAL_KEYS = ('image_size', 'channels', 'eval_crop_fraction', 'interpolation', 'prefetch')
 
 
@@ -89,6 +98,7 @@ def _check_config(data: ml_collections.ConfigDict, keys: tuple[str, ...]) -> Non
                      '(low, high) with 0 < low <= high <= 1'),
       'crop_ratio': (lambda v: len(v) == 2 and 0 < v[0] <= v[1], '(low, high), 0 < low <= high'),
       'eval_crop_fraction': (lambda v: 0 < v <= 1, 'in (0, 1]'),
+      'train_crop': (lambda v: v in ('random_resized', 'center'), "'random_resized' or 'center'"),
       'interpolation': (lambda v: v in augment.INTERPOLATIONS,
                         f'one of {sorted(augment.INTERPOLATIONS)}'),
       'num_workers': (lambda v: v >= 0, '>= 0'),
@@ -146,7 +156,7 @@ def train_dataset(
   transform = TrainTransform(
       image_size=data.image_size, crop_scale=tuple(data.crop_scale),
       crop_ratio=tuple(data.crop_ratio), hflip=data.hflip, channels=data.channels,
-      interpolation=data.interpolation)
+      interpolation=data.interpolation, train_crop=data.train_crop)
   # Decode and augment one example now so an unreadable source fails here.
   transform.random_map(source[0], np.random.default_rng(0))
 
@@ -175,11 +185,14 @@ def describe_train(data: ml_collections.ConfigDict, source: ImageSource,
                    process_count: int = 1) -> str:
   """A one-line summary of the train pipeline for logs."""
   classes = f'{source.num_classes} classes' if source.has_labels else 'no labels'
-  flip = ' + hflip' if data.hflip else ''
+  if data.train_crop == 'center':
+    crop = f'center crop {data.image_size}px {data.interpolation} (augmented on device)'
+  else:
+    crop = (f'random_resized_crop {data.image_size}px {data.interpolation} '
+            f'scale={tuple(data.crop_scale)} ratio=({data.crop_ratio[0]:.3g}, '
+            f'{data.crop_ratio[1]:.3g})' + (' + hflip' if data.hflip else ''))
   return (
-      f'{source.name} ({len(source)} images, {classes}) -> random_resized_crop '
-      f'{data.image_size}px {data.interpolation} scale={tuple(data.crop_scale)} ratio='
-      f'({data.crop_ratio[0]:.3g}, {data.crop_ratio[1]:.3g}){flip} -> {data.channels} channel(s); '
+      f'{source.name} ({len(source)} images, {classes}) -> {crop} -> {data.channels} channel(s); '
       f'batch {data.batch_size} = {data.batch_size // process_count} x {process_count} '
       f'process(es); {data.num_workers} worker process(es), {data.prefetch} prefetch thread(s)')
 

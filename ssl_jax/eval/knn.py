@@ -10,17 +10,13 @@ import functools
 from collections.abc import Iterable
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from ssl_jax import sharding
-from ssl_jax.data import pipeline
 from ssl_jax.methods.base import Method
 
-# Eval batches of sources smaller than this are kept in host memory between evals.
-_CACHE_BYTES = 512 * 2**20
 # Host memory for one block of test x train similarities.
 _SIMILARITY_BYTES = 256 * 2**20
 
@@ -68,40 +64,13 @@ def extract_features(method: Method, encoder: nnx.Module, batches: Iterable[dict
   return np.concatenate(features), np.concatenate(labels)
 
 
-class KnnEvaluator:
-  """kNN accuracy of an encoder: train split as memory, test split as queries."""
-
-  def __init__(self, config: ml_collections.ConfigDict, method: Method,
-               mesh: jax.sharding.Mesh):
-    self.config = config
-    self.method = method
-    self.mesh = mesh
-    self._cache: dict[str, list[dict]] = {}
-
-  def _batches(self, spec: str) -> Iterable[dict]:
-    if spec in self._cache:
-      return self._cache[spec]
-    batches = pipeline.eval_batches(
-        self.config.data, spec, batch_size=self.config.eval.batch_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    batches = list(batches) if self._small(spec) else batches
-    if isinstance(batches, list):
-      self._cache[spec] = batches
-    return batches
-
-  def _small(self, spec: str) -> bool:
-    size = pipeline.eval_source_size(self.config.data, spec)
-    image = self.config.data.image_size ** 2 * self.config.data.channels
-    return size * image < _CACHE_BYTES
-
-  def __call__(self, encoder: nnx.Module) -> float:
-    """Top-1 accuracy of the weighted kNN classifier on the test source."""
-    cfg = self.config.eval
-    train_features, train_labels = extract_features(
-        self.method, encoder, self._batches(cfg.knn_train_source), self.mesh)
-    test_features, test_labels = extract_features(
-        self.method, encoder, self._batches(cfg.knn_test_source), self.mesh)
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    predictions = knn_predict(train_features, train_labels, test_features, k=cfg.knn_k,
-                              temperature=cfg.knn_temperature, num_classes=num_classes)
-    return float(np.mean(predictions == test_labels))
+def knn_accuracy(method: Method, encoder: nnx.Module, train_batches: Iterable[dict],
+                 test_batches: Iterable[dict], mesh: jax.sharding.Mesh, *, k: int,
+                 temperature: float) -> float:
+  """Top-1 accuracy of the weighted kNN classifier: train batches vote for test ones."""
+  train_features, train_labels = extract_features(method, encoder, train_batches, mesh)
+  test_features, test_labels = extract_features(method, encoder, test_batches, mesh)
+  num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+  predictions = knn_predict(train_features, train_labels, test_features, k=k,
+                            temperature=temperature, num_classes=num_classes)
+  return float(np.mean(predictions == test_labels))

@@ -22,6 +22,8 @@ class Method(abc.ABC):
 
   # The unit of throughput shown in the progress line (images/s, tokens/s).
   throughput_unit = 'images'
+  # TensorBoard tag of the pictures `render` draws.
+  picture_name = 'pictures'
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -60,6 +62,10 @@ class Method(abc.ABC):
   def features(self, encoder: nnx.Module, images: jax.Array) -> jax.Array:
     """(B, H, W, C) uint8 images -> (B, D) float32 features for probes."""
     raise TypeError(f'{type(self).__name__} defines no image features for probing.')
+
+  def classify(self, model: nnx.Module, images: jax.Array) -> jax.Array:
+    """(B, H, W, C) uint8 images -> (B, classes) logits of an online probe, if any."""
+    raise TypeError(f'{type(self).__name__} has no online probe.')
 
   def visualize(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> Any:
     """Arrays for a picture of what the model does (or None); see `render`."""

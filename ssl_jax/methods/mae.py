@@ -91,6 +91,8 @@ class MAEModel(nnx.Module):
 class MAE(Method):
   """The MAE method: model, loss, export and reconstruction pictures."""
 
+  picture_name = 'reconstructions'
+
   def _vit(self, rngs: nnx.Rngs) -> ViT:
     m = self.config.model
     return ViT(patch_size=m.patch_size, channels=self.config.data.channels,
