@@ -84,6 +84,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       test_source='',
       knn_k=20,
       knn_temperature=0.07,
+      linear_probe=False,          # Offline softmax probe on frozen features (in-memory).
+      linear_probe_steps=300,
+      linear_probe_lr=0.01,
       batch_size=1024,
       pool='cls',                  # Feature for probes: 'cls' (MAE linear probe) or 'patch_mean'.
       random_init_baseline=False,
@@ -117,5 +120,6 @@ def _local(config: ml_collections.ConfigDict) -> None:
   config.optim.update(dict(lr=2e-3, lr_scaling='none', warmup_epochs=None, warmup_steps=100))
   config.train.update(dict(steps=1000, epochs=None, log_every=50, checkpoint_every=250,
                            eval_every=500))
-  config.eval.update(dict(knn=True, train_source='digits:train', test_source='digits:test',
+  config.eval.update(dict(knn=True, linear_probe=True, train_source='digits:train',
+                          test_source='digits:test',
                           batch_size=360, random_init_baseline=True))

@@ -316,16 +316,18 @@ def finish(job: Job, state: TrainState, batch: Any) -> dict[str, float]:
   if batch is None:  # Resumed a finished run: draw a batch for the pictures.
     batch = sharding.put_batch(next(job.data_iter), job.mesh)
   results = evaluator(state, batch, job.rng)
-  if evaluator.knn and config.eval.random_init_baseline:
-    results['knn_top1_random_init'] = evaluator.random_init_knn()
+  if config.eval.random_init_baseline:
+    results.update(evaluator.random_init_scores())
   job.writer.write_scalars(step, results)
-  if 'knn_top1' in results:
-    baseline = results.get('knn_top1_random_init')
-    log_line(f'kNN top-1 (k={config.eval.knn_k}, {config.eval.train_source} -> '
-             f'{config.eval.test_source}): trained {results["knn_top1"]:.4f}'
-             + ('' if baseline is None else f' | random init {baseline:.4f}'))
+  for name, title in (('knn_top1', f'kNN top-1 (k={config.eval.knn_k})'),
+                      ('linear_top1', 'linear probe top-1')):
+    if name in results:
+      baseline = results.get(f'{name}_random_init')
+      log_line(f'{title}, {config.eval.train_source} -> {config.eval.test_source}: '
+               f'trained {results[name]:.4f}'
+               + ('' if baseline is None else f' | random init {baseline:.4f}'))
   if 'probe_top1' in results:
-    log_line(f'online linear probe top-1 on {config.eval.test_source}: '
+    log_line(f'online probe top-1 (trained alongside) on {config.eval.test_source}: '
              f'{results["probe_top1"]:.4f}')
   export_dir = checkpoint.export_encoder(job.workdir / 'export', evaluator.encoder(state), config)
   log_line(f'Encoder exported to {export_dir}')

@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 
 from ssl_jax.eval import knn
 from ssl_jax.eval.evaluator import EvalData
+from ssl_jax.eval.features import extract_features
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -45,10 +46,12 @@ def main_command(workdir, *overrides, config='configs/mae_vit.py:local') -> list
           *overrides]
 
 
-def run_main(workdir, *overrides, timeout=600, **env_options) -> subprocess.CompletedProcess:
+def run_main(workdir, *overrides, config='configs/mae_vit.py:local', timeout=900,
+             **env_options) -> subprocess.CompletedProcess:
   """Runs the trainer to completion; returns its output (stdout and stderr as text)."""
-  return subprocess.run(main_command(workdir, *overrides), cwd=REPO, env=child_env(**env_options),
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(main_command(workdir, *overrides, config=config), cwd=REPO,
+                        env=child_env(**env_options), capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def read_metrics(workdir) -> list[dict]:
@@ -84,6 +87,7 @@ def flat_dict(tree) -> dict[str, np.ndarray]:
 def knn_top1(config, method, encoder, mesh) -> float:
   """The trainer's kNN probe, recomputed for an encoder outside the trainer."""
   data = EvalData(config)
-  return knn.knn_accuracy(method, encoder, data(config.eval.train_source),
-                          data(config.eval.test_source), mesh, k=config.eval.knn_k,
+  train = extract_features(method, encoder, data(config.eval.train_source), mesh)
+  test = extract_features(method, encoder, data(config.eval.test_source), mesh)
+  return knn.knn_accuracy(*train, *test, k=config.eval.knn_k,
                           temperature=config.eval.knn_temperature)

@@ -1,7 +1,9 @@
 """Losses against independent NumPy implementations of the papers' formulas."""
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ssl_jax import losses
 
@@ -103,3 +105,16 @@ def test_ntxent_prefers_aligned_views_and_ignores_scale():
   np.testing.assert_allclose(aligned, float(losses.ntxent_loss(z1, z1, 0.1)), rtol=1e-4)
   shuffled = float(losses.ntxent_loss(z1, z1[::-1], 0.1))
   assert aligned < shuffled
+
+
+def test_ntxent_negatives_span_the_sharded_global_batch():
+  """With the batch split over 8 devices, every device's rows are negatives of every other's."""
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  rng = np.random.default_rng(4)
+  z1, z2 = rng.normal(size=(2, 16, 8)).astype(np.float32)
+  rows = NamedSharding(mesh, PartitionSpec('data'))
+  sharded = jax.jit(losses.ntxent_loss, static_argnums=2)(
+      jax.device_put(z1, rows), jax.device_put(z2, rows), 0.1)
+  np.testing.assert_allclose(float(sharded), numpy_ntxent(z1, z2, 0.1), rtol=1e-5)
+  per_device = np.mean([numpy_ntxent(z1[i:i + 2], z2[i:i + 2], 0.1) for i in range(0, 16, 2)])
+  assert abs(float(sharded) - per_device) > 0.1  # Local-only negatives would give this.

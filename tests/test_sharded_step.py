@@ -2,7 +2,8 @@
 
 conftest.py gives the test session 8 CPU devices; the 1-device run uses a
 mesh over the first device only (bitwise the same as a 1-device process,
-see ../shared/STACK-probe-notes.md, section 2).
+see ../shared/STACK-probe-notes.md, section 2). For SimCLR this also checks
+that BatchNorm statistics and NT-Xent negatives span the global batch.
 """
 
 import functools
@@ -12,17 +13,32 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import mae_vit
+from configs import mae_vit, simclr_resnet
 from ssl_jax import methods, sharding, train
 
 LR = 1e-2
+BATCH = 16
 
 
-def tiny_config(optimizer: str, mesh_shape: dict):
+def tiny_mae():
   config = mae_vit.get_config('local')
-  config.data.batch_size = 16
   config.model.update(dict(width=32, depth=2, num_heads=4, mlp_dim=64, decoder_width=32,
                            decoder_depth=1, decoder_heads=4, decoder_mlp_dim=64))
+  return config
+
+
+def tiny_simclr():
+  config = simclr_resnet.get_config('local')
+  config.model.update(dict(projection_hidden=32, projection_dim=16))
+  return config
+
+
+CONFIGS = {'mae': tiny_mae, 'simclr': tiny_simclr}
+
+
+def tiny_config(method: str, optimizer: str, mesh_shape: dict):
+  config = CONFIGS[method]()
+  config.data.batch_size = BATCH
   # A constant lr: with warmup the first step's lr would be 0 and prove nothing.
   config.optim.update(dict(name=optimizer, schedule='constant', lr=LR, weight_decay=0.05))
   config.mesh.update(mesh_shape)
@@ -30,24 +46,28 @@ def tiny_config(optimizer: str, mesh_shape: dict):
 
 
 def run_steps(config, devices, num_steps=2):
-  """Losses of `num_steps` steps and the final parameters, as host arrays."""
+  """Losses of `num_steps` steps and the final variables, as host arrays."""
   method = methods.create(config)
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   schedule, tx = train.build_optimizer(config)
-  images = np.random.default_rng(0).integers(0, 256, (num_steps, 16, 16, 16, 1), np.uint8)
+  size, channels = config.data.image_size, config.data.channels
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (num_steps, BATCH, size, size, channels), np.uint8)
+  labels = rng.integers(0, 10, (num_steps, BATCH), np.int32)
   with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
     graphdef, shardings = train.state_shardings_and_graphdef(method, tx, mesh, config.seed)
     state = train.init_train_state(method, tx, shardings, config.seed)
     step_fn = train.make_train_step(method, graphdef, tx, schedule, shardings, mesh)
     losses = []
     for i in range(num_steps):
-      batch = sharding.put_batch({'image': images[i]}, mesh)
+      batch = sharding.put_batch({'image': images[i], 'label': labels[i]}, mesh)
       state, metrics = step_fn(state, batch, jax.random.key(7))
       losses.append(float(metrics['loss']))
-    params = jax.device_get(nnx.to_pure_dict(state['params']))
+    variables = jax.device_get({'params': nnx.to_pure_dict(state['params']),
+                                'model_state': nnx.to_pure_dict(state['model_state'])})
     shard_shapes = jax.tree.map(lambda x: x.sharding.shard_shape(x.shape),
                                 nnx.to_pure_dict(state['params']))
-  return np.array(losses), params, shard_shapes
+  return np.array(losses), variables, shard_shapes
 
 
 def zero_gradient(path) -> bool:
@@ -58,27 +78,34 @@ def zero_gradient(path) -> bool:
 
 
 @functools.cache
-def one_device_run(optimizer: str):
-  return run_steps(tiny_config(optimizer, dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+def one_device_run(method: str, optimizer: str):
+  config = tiny_config(method, optimizer, dict(data=1, fsdp=1, tensor=1))
+  return run_steps(config, jax.devices()[:1])
 
 
-@pytest.mark.parametrize('optimizer,mesh_shape', [
-    ('sgd', dict(data=8, fsdp=1, tensor=1)),
-    ('sgd', dict(data=1, fsdp=8, tensor=1)),
-    ('sgd', dict(data=2, fsdp=2, tensor=2)),
-    ('adamw', dict(data=2, fsdp=4, tensor=1)),
-], ids=['sgd-data8', 'sgd-fsdp8', 'sgd-data2-fsdp2-tensor2', 'adamw-data2-fsdp4'])
-def test_eight_devices_match_one(optimizer, mesh_shape):
-  losses_1, params_1, _ = one_device_run(optimizer)
-  losses_8, params_8, shard_shapes_8 = run_steps(tiny_config(optimizer, mesh_shape), jax.devices())
+@pytest.mark.parametrize('method,optimizer,mesh_shape', [
+    ('mae', 'sgd', dict(data=8, fsdp=1, tensor=1)),
+    ('mae', 'sgd', dict(data=1, fsdp=8, tensor=1)),
+    ('mae', 'sgd', dict(data=2, fsdp=2, tensor=2)),
+    ('mae', 'adamw', dict(data=2, fsdp=4, tensor=1)),
+    ('simclr', 'lars', dict(data=4, fsdp=2, tensor=1)),  # Batch (and BN) over all 8.
+], ids=['mae-sgd-data8', 'mae-sgd-fsdp8', 'mae-sgd-data2-fsdp2-tensor2', 'mae-adamw-data2-fsdp4',
+        'simclr-lars-data4-fsdp2'])
+def test_eight_devices_match_one(method, optimizer, mesh_shape):
+  losses_1, variables_1, _ = one_device_run(method, optimizer)
+  config = tiny_config(method, optimizer, mesh_shape)
+  losses_8, variables_8, shard_shapes_8 = run_steps(config, jax.devices())
   np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5, atol=1e-6)
   assert losses_1[1] != losses_1[0]  # The first step really changed the parameters.
-  flat_1 = jax.tree_util.tree_flatten_with_path(params_1)[0]
-  flat_8 = jax.tree.leaves(params_8)
-  for (path, p1), p8 in zip(flat_1, flat_8, strict=True):
+  flat_1 = jax.tree_util.tree_flatten_with_path(variables_1)[0]
+  flat_8 = jax.tree.leaves(variables_8)
+  for (path, v1), v8 in zip(flat_1, flat_8, strict=True):
     # Adam turns float noise in a zero gradient into an update of up to lr per step.
     atol = 2 * LR if optimizer == 'adamw' and zero_gradient(path) else 1e-5
-    np.testing.assert_allclose(p8, p1, rtol=1e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
-  # The parameters really were sharded the way the mesh asks.
-  kernel_shard = shard_shapes_8['encoder']['encoder']['blocks'][0]['mlp']['fc1']['kernel']
-  assert kernel_shard == (32 // mesh_shape['fsdp'], 64 // mesh_shape['tensor'])
+    np.testing.assert_allclose(v8, v1, rtol=1e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
+  if method == 'simclr':  # BatchNorm statistics were updated, identically on 8 devices.
+    stats = variables_8['model_state']['encoder']['stem_bn']['mean']
+    assert np.abs(stats).max() > 0
+  else:  # The parameters really were sharded the way the mesh asks.
+    kernel_shard = shard_shapes_8['encoder']['encoder']['blocks'][0]['mlp']['fc1']['kernel']
+    assert kernel_shard == (32 // mesh_shape['fsdp'], 64 // mesh_shape['tensor'])

@@ -2,6 +2,8 @@
 
 - kNN probe (`eval.knn`): the encoder's features of `eval.train_source` vote
   for those of `eval.test_source`.
+- Offline linear probe (`eval.linear_probe`): a softmax classifier fitted to
+  the frozen train-split features, scored on the test split.
 - Online linear probe (methods with `classify`, e.g. SimCLR): top-1 of the
   probe trained alongside pretraining, on `eval.test_source`.
 - Pictures (`eval.pictures`): what the method draws (`visualize` + `render`),
@@ -22,6 +24,8 @@ from jax.experimental import multihost_utils
 from ssl_jax import sharding
 from ssl_jax.data import pipeline
 from ssl_jax.eval import knn, pictures
+from ssl_jax.eval.features import extract_features
+from ssl_jax.eval.linear_probe import linear_probe_accuracy
 from ssl_jax.methods.base import Method
 from ssl_jax.metrics import MetricWriter
 
@@ -59,7 +63,9 @@ class Evaluator:
     self.config, self.method, self.graphdef, self.mesh = config, method, graphdef, mesh
     self.writer, self.workdir = writer, workdir
     self.data = EvalData(config)
-    self.knn = bool(config.eval.knn and config.eval.train_source and config.eval.test_source)
+    has_splits = bool(config.eval.train_source and config.eval.test_source)
+    self.knn = bool(config.eval.knn and has_splits)
+    self.linear = bool(config.eval.linear_probe and has_splits)
     self.probe = bool(type(method).classify is not Method.classify and config.eval.test_source)
     self._visualize = jax.jit(lambda params, rest, batch, rng: method.visualize(
         nnx.merge(graphdef, params, rest), batch, rng))
@@ -74,12 +80,22 @@ class Evaluator:
     """The method's encoder, sharing the train state's arrays."""
     return self.method.encoder(self.model(state))
 
-  def knn_top1(self, encoder: nnx.Module) -> float:
-    """kNN accuracy of `encoder` (eval.train_source votes for eval.test_source)."""
-    cfg = self.config.eval
-    return knn.knn_accuracy(self.method, encoder, self.data(cfg.train_source),
-                            self.data(cfg.test_source), self.mesh, k=cfg.knn_k,
-                            temperature=cfg.knn_temperature)
+  def representation_scores(self, encoder: nnx.Module) -> dict[str, float]:
+    """kNN and offline linear-probe top-1 of a frozen encoder (train -> test split)."""
+    cfg, scores = self.config.eval, {}
+    if not (self.knn or self.linear):
+      return scores
+    start = time.perf_counter()
+    train = extract_features(self.method, encoder, self.data(cfg.train_source), self.mesh)
+    test = extract_features(self.method, encoder, self.data(cfg.test_source), self.mesh)
+    if self.knn:
+      scores['knn_top1'] = knn.knn_accuracy(*train, *test, k=cfg.knn_k,
+                                            temperature=cfg.knn_temperature)
+    if self.linear:
+      scores['linear_top1'] = linear_probe_accuracy(
+          *train, *test, steps=cfg.linear_probe_steps, lr=cfg.linear_probe_lr)
+    scores['probe_seconds'] = time.perf_counter() - start
+    return scores
 
   def probe_top1(self, state: dict[str, Any]) -> float:
     """Top-1 accuracy of the online probe on eval.test_source."""
@@ -96,11 +112,7 @@ class Evaluator:
   def __call__(self, state: dict[str, Any], batch: dict, rng: jax.Array) -> dict[str, float]:
     """Eval metrics for `state`; saves a picture under images/ when the method draws one."""
     step = int(state['step'])
-    results = {}
-    if self.knn:
-      start = time.perf_counter()
-      results['knn_top1'] = self.knn_top1(self.encoder(state))
-      results['knn_seconds'] = time.perf_counter() - start
+    results = self.representation_scores(self.encoder(state))
     if self.probe:
       results['probe_top1'] = self.probe_top1(state)
     if self.config.eval.pictures:
@@ -112,6 +124,8 @@ class Evaluator:
         self.writer.write_image(step, self.method.picture_name, picture)
     return results
 
-  def random_init_knn(self) -> float:
-    """kNN accuracy of a freshly initialised encoder of the same shape (a baseline)."""
-    return self.knn_top1(self.method.build_encoder(nnx.Rngs(self.config.seed)))
+  def random_init_scores(self) -> dict[str, float]:
+    """The same probes on a freshly initialised encoder of the same shape (a baseline)."""
+    scores = self.representation_scores(self.method.build_encoder(nnx.Rngs(self.config.seed)))
+    scores.pop('probe_seconds', None)
+    return {f'{name}_random_init': value for name, value in scores.items()}

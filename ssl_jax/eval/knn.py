@@ -6,16 +6,7 @@ training examples and votes for their labels with weight exp(sim / T)
 number measures the representation itself.
 """
 
-import functools
-from collections.abc import Iterable
-
-import jax
 import numpy as np
-from flax import nnx
-from jax.experimental import multihost_utils
-
-from ssl_jax import sharding
-from ssl_jax.methods.base import Method
 
 # Host memory for one block of test x train similarities.
 _SIMILARITY_BYTES = 256 * 2**20
@@ -41,35 +32,10 @@ def knn_predict(train_features: np.ndarray, train_labels: np.ndarray,
   return np.concatenate(predictions)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _features(method: Method, graphdef: nnx.GraphDef, state: nnx.State,
-              images: jax.Array) -> jax.Array:
-  return method.features(nnx.merge(graphdef, state), images)
-
-
-def extract_features(method: Method, encoder: nnx.Module, batches: Iterable[dict],
-                     mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray]:
-  """Runs `method.features` over sharded eval batches; returns every host the whole set."""
-  graphdef, state = nnx.split(encoder)
-  features, labels = [], []
-  for batch in batches:
-    valid = batch['valid']
-    device_batch = sharding.put_batch({'image': batch['image'], 'label': batch['label'],
-                                       'valid': valid}, mesh)
-    out = _features(method, graphdef, state, device_batch['image'])
-    out, label, valid = multihost_utils.process_allgather(
-        (out, device_batch['label'], device_batch['valid']), tiled=True)
-    features.append(np.asarray(out)[valid])
-    labels.append(np.asarray(label)[valid])
-  return np.concatenate(features), np.concatenate(labels)
-
-
-def knn_accuracy(method: Method, encoder: nnx.Module, train_batches: Iterable[dict],
-                 test_batches: Iterable[dict], mesh: jax.sharding.Mesh, *, k: int,
+def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray,
+                 test_features: np.ndarray, test_labels: np.ndarray, *, k: int,
                  temperature: float) -> float:
-  """Top-1 accuracy of the weighted kNN classifier: train batches vote for test ones."""
-  train_features, train_labels = extract_features(method, encoder, train_batches, mesh)
-  test_features, test_labels = extract_features(method, encoder, test_batches, mesh)
+  """Top-1 accuracy of the weighted kNN classifier: train examples vote for test ones."""
   num_classes = int(max(train_labels.max(), test_labels.max())) + 1
   predictions = knn_predict(train_features, train_labels, test_features, k=k,
                             temperature=temperature, num_classes=num_classes)

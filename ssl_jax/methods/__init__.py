@@ -10,6 +10,7 @@ from ssl_jax.methods.base import Method
 # config.method -> (module, class). Imported lazily: a method's imports are its own.
 METHODS = {
     'mae': ('ssl_jax.methods.mae', 'MAE'),
+    'simclr': ('ssl_jax.methods.simclr', 'SimCLR'),
 }
 
 

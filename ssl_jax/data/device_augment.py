@@ -1,0 +1,444 @@
+"""Image augmentations that run on device, inside the jitted train step.
+
+Every op takes a float32 image in [0, 1] of shape (H, W, C), C = 1 or 3, and
+its own PRNG key; there is no Python control flow on traced values, so a view
+function can be `vmap`ped over a batch with one key per example (see
+`augment_batch`). Random ops come in two layers: a deterministic op with the
+parameter given (`adjust_contrast(image, factor)`, `blur(image, sigma, ...)`),
+which tests compare against reference formulas, and a random op that samples
+the parameter and applies it with probability `p`.
+
+Semantics follow torchvision, which DINO (facebookresearch/dino, main_dino.py,
+DataAugmentationDINO) and most PyTorch SimCLR ports use; where SimCLR's own
+TensorFlow code (google-research/simclr, tf2/data_util.py) differs, the
+function's docstring says how. Multi-crop methods build each kind of crop from
+`view` with its own arguments, e.g. DINO (main_dino.py, DataAugmentationDINO):
+
+  jitter = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
+                jitter_prob=0.8, grayscale_prob=0.2)
+  global_1 = dict(size=224, crop_scale=(0.4, 1.0), blur_prob=1.0, **jitter)
+  global_2 = dict(size=224, crop_scale=(0.4, 1.0), blur_prob=0.1, solarize_prob=0.2, **jitter)
+  local = dict(size=96, crop_scale=(0.05, 0.4), blur_prob=0.5, **jitter)
+  views = [augment_batch(k, images, view, **global_1), ...]
+"""
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ssl_jax.data.augment import LUMA_601
+
+# `interpolation` -> jax.image method. Both are the kernels Pillow uses
+# (triangle; Keys cubic with a = -0.5), antialiased when shrinking.
+_METHODS = {'bilinear': 'linear', 'bicubic': 'cubic'}
+
+
+def _bernoulli(key: jax.Array, p: float | jax.Array) -> jax.Array:
+  """A boolean scalar that is True with probability p (p=0 never, p=1 always)."""
+  return jax.random.uniform(key) < p
+
+
+# ------------------------------------------------------------------ geometry ---
+
+
+def random_resized_crop_box(key: jax.Array, height: int, width: int,
+                            scale: tuple[float, float] = (0.08, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> jax.Array:
+  """Samples an int32 box (top, left, h, w) with torchvision's distribution."""
+  # torchvision RandomResizedCrop.get_params (mirrored on the host by
+  # augment.random_resized_crop_box): up to ten tries of an area fraction
+  # ~ U(scale) and a log-uniform aspect ratio; the first rounded box that fits
+  # wins. Here all ten are drawn at once and the first fit is picked, which
+  # has the same distribution. SimCLR's TF code instead uses
+  # tf.image.sample_distorted_bounding_box (100 tries, whole image fallback).
+  # One draw of 22 uniforms rather than one per quantity: each random call is
+  # a separate threefry program, and they dominate the compile time.
+  tries = 10
+  u = jax.random.uniform(key, (2 * tries + 2,))
+  area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:tries])  # (tries,)
+  log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[tries:2 * tries]
+  aspect = jnp.exp(log_ratio)  # (tries,)
+  # jnp.round rounds half to even, like Python's round() in torchvision.
+  w = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)  # (tries,)
+  h = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)  # (tries,)
+  fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+  first = jnp.argmax(fits)  # index of the first True (0 when none fits)
+
+  # No try fitted: the whole image, center-cropped to the nearest allowed
+  # ratio. It depends on static shapes only, so plain Python computes it.
+  if width / height < min(ratio):
+    fallback_h, fallback_w = int(round(width / min(ratio))), width
+  elif width / height > max(ratio):
+    fallback_h, fallback_w = height, int(round(height * max(ratio)))
+  else:
+    fallback_h, fallback_w = height, width
+  found = fits[first]
+  h = jnp.where(found, h[first], fallback_h)
+  w = jnp.where(found, w[first], fallback_w)
+  # A uniform integer offset in [0, height - h] (torch.randint in torchvision).
+  top = jnp.where(found, jnp.minimum(jnp.floor(u[-2] * (height - h + 1)), height - h),
+                  (height - fallback_h) // 2)
+  left = jnp.where(found, jnp.minimum(jnp.floor(u[-1] * (width - w + 1)), width - w),
+                   (width - fallback_w) // 2)
+  return jnp.stack([top, left, h, w]).astype(jnp.int32)
+
+
+def resized_crop(image: jax.Array, box: jax.Array, size: int,
+                 interpolation: str = 'bilinear') -> jax.Array:
+  """Crops the (top, left, h, w) box and resizes it to (size, size, C), antialiased."""
+  if interpolation not in _METHODS:
+    raise ValueError(f'interpolation={interpolation!r}; expected one of {sorted(_METHODS)}')
+  height, width, channels = image.shape
+  top, left, h, w = box[0], box[1], box[2], box[3]
+  # The box has a traced size, so it cannot be sliced out; instead resize the
+  # whole image with the box's scale and offset, and keep the filter from
+  # reading pixels outside the box, as torchvision's crop-then-resize (Pillow)
+  # does: resize(image * inside) / resize(inside) renormalises each output
+  # pixel's weights over the in-box pixels only (the weights are separable).
+  rows = (jnp.arange(height) >= top) & (jnp.arange(height) < top + h)  # (H,)
+  cols = (jnp.arange(width) >= left) & (jnp.arange(width) < left + w)  # (W,)
+  inside = (rows[:, None] & cols[None, :]).astype(jnp.float32)[..., None]  # (H, W, 1)
+  stacked = jnp.concatenate([image * inside, inside], axis=-1)  # (H, W, C + 1)
+  scale = size / jnp.stack([h, w]).astype(jnp.float32)  # output pixels per input pixel
+  translation = -jnp.stack([top, left]).astype(jnp.float32) * scale
+  resized = jax.image.scale_and_translate(
+      stacked, (size, size, channels + 1), (0, 1), scale, translation,
+      method=_METHODS[interpolation], antialias=True)  # (size, size, C + 1)
+  # Bicubic overshoots; Pillow clamps to uint8, we clamp to [0, 1].
+  return jnp.clip(resized[..., :channels] / resized[..., channels:], 0.0, 1.0)
+
+
+def random_resized_crop(key: jax.Array, image: jax.Array, size: int,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        interpolation: str = 'bilinear') -> jax.Array:
+  """Inception-style crop of (H, W, C) resized to (size, size, C); torchvision's boxes."""
+  height, width = image.shape[:2]
+  box = random_resized_crop_box(key, height, width, scale, ratio)
+  return resized_crop(image, box, size, interpolation)
+
+
+def horizontal_flip(key: jax.Array, image: jax.Array, p: float = 0.5) -> jax.Array:
+  """Mirrors (H, W, C) left-right with probability p."""
+  return jnp.where(_bernoulli(key, p), image[:, ::-1], image)
+
+
+# -------------------------------------------------------------------- colour ---
+
+
+def luma(image: jax.Array) -> jax.Array:
+  """(H, W, C) -> (H, W, 1) ITU-R BT.601 luma (the image itself when C = 1)."""
+  # Pillow's convert('L') weights (0.299, 0.587, 0.114), which DINO's PIL
+  # pipeline uses; torchvision tensors and TF use 0.2989 for red.
+  if image.shape[-1] == 1:
+    return image
+  return (image @ jnp.asarray(LUMA_601))[..., None]
+
+
+def to_grayscale(image: jax.Array) -> jax.Array:
+  """(H, W, C) -> (H, W, C) luma replicated over the channels."""
+  return jnp.broadcast_to(luma(image), image.shape)
+
+
+def _blend(image: jax.Array, other: jax.Array, factor: jax.Array) -> jax.Array:
+  """factor * image + (1 - factor) * other, clipped to [0, 1] (torchvision _blend)."""
+  return jnp.clip(factor * image + (1.0 - factor) * other, 0.0, 1.0)
+
+
+def adjust_brightness(image: jax.Array, factor: jax.Array) -> jax.Array:
+  """Multiplies by factor (torchvision; SimCLR's impl='simclrv2'), clipped."""
+  return _blend(image, jnp.zeros_like(image), factor)
+
+
+def adjust_contrast(image: jax.Array, factor: jax.Array) -> jax.Array:
+  """Blends with the mean luma of the whole image (torchvision), clipped."""
+  # TF's adjust_contrast (SimCLR) blends each channel with its own mean
+  # instead, which keeps the colour balance; torchvision pulls towards grey.
+  return _blend(image, jnp.mean(luma(image)), factor)
+
+
+def adjust_saturation(image: jax.Array, factor: jax.Array) -> jax.Array:
+  """Blends with the luma image (torchvision), clipped; a no-op for C = 1."""
+  # TF's adjust_saturation (SimCLR) scales S in HSV space instead.
+  if image.shape[-1] == 1:
+    return image
+  return _blend(image, luma(image), factor)
+
+
+def _fraction(x: jax.Array) -> jax.Array:
+  """x mod 1 as x - floor(x): XLA's float remainder (jnp's %) is ~10x slower on CPU."""
+  return x - jnp.floor(x)
+
+
+def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
+  """(..., 3) RGB in [0, 1] -> (..., 3) HSV in [0, 1], hue 0 for greys."""
+  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+  value = jnp.max(rgb, axis=-1)
+  chroma = value - jnp.min(rgb, axis=-1)
+  saturation = chroma / jnp.where(value > 0, value, 1.0)
+  safe_chroma = jnp.where(chroma > 0, chroma, 1.0)
+  hue = jnp.where(value == r, (g - b) / safe_chroma,
+                  jnp.where(value == g, 2.0 + (b - r) / safe_chroma, 4.0 + (r - g) / safe_chroma))
+  hue = jnp.where(chroma > 0, _fraction(hue / 6.0), 0.0)
+  return jnp.stack([hue, saturation, value], axis=-1)
+
+
+def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
+  """(..., 3) HSV in [0, 1] -> (..., 3) RGB in [0, 1]."""
+  # The branch-free form of the sextant formula: channel n (5 for R, 3 for G,
+  # 1 for B) is v - v s clip(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6.
+  hue, saturation, value = hsv[..., 0:1], hsv[..., 1:2], hsv[..., 2:3]
+  k = 6.0 * _fraction((jnp.asarray([5.0, 3.0, 1.0]) + 6.0 * hue) / 6.0)  # (..., 3)
+  return value - value * saturation * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
+def adjust_hue(image: jax.Array, shift: jax.Array) -> jax.Array:
+  """Rotates the hue by shift (a fraction of the circle) in HSV; a no-op for C = 1."""
+  # torchvision adjust_hue and TF adjust_hue (SimCLR) agree: h -> (h + shift) mod 1.
+  if image.shape[-1] == 1:
+    return image
+  hsv = rgb_to_hsv(image)
+  hsv = hsv.at[..., 0].set(_fraction(hsv[..., 0] + shift))
+  return jnp.clip(hsv_to_rgb(hsv), 0.0, 1.0)
+
+
+def color_jitter_params(key: jax.Array, brightness: float = 0.0, contrast: float = 0.0,
+                        saturation: float = 0.0, hue: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Samples (order (4,), params (4,)): the op order, then b/c/s factors and the hue shift."""
+  # torchvision ColorJitter.get_params: factors ~ U[max(0, 1 - x), 1 + x], the
+  # hue shift ~ U[-hue, hue], and a random permutation of the four ops
+  # (0 brightness, 1 contrast, 2 saturation, 3 hue). One draw of 8 uniforms.
+  if min(brightness, contrast, saturation, hue) < 0 or hue > 0.5:
+    raise ValueError(f'color_jitter needs brightness, contrast, saturation >= 0 and hue in '
+                     f'[0, 0.5], got {brightness}, {contrast}, {saturation}, {hue}')
+  u = jax.random.uniform(key, (8,))
+  low = jnp.asarray([max(0.0, 1.0 - x) for x in (brightness, contrast, saturation)] + [-hue])
+  high = jnp.asarray([1.0 + brightness, 1.0 + contrast, 1.0 + saturation, hue])
+  params = low + (high - low) * u[:4]  # (4,)
+  order = jnp.argsort(u[4:])  # (4,) a uniformly random permutation
+  return order, params
+
+
+def color_jitter(key: jax.Array, image: jax.Array, brightness: float = 0.0,
+                 contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0,
+                 p: float = 1.0) -> jax.Array:
+  """torchvision ColorJitter in a random order per image, applied with probability p."""
+  # Each op clips to [0, 1] (torchvision ColorJitter; SimCLR's
+  # color_jitter_rand also shuffles the four ops and clips after each). An op
+  # whose strength is 0 is skipped, as in both. On C = 1 images saturation and
+  # hue are no-ops (as in torchvision): a grey image has no colour to change.
+  apply_key, params_key = jax.random.split(key)
+  order, params = color_jitter_params(params_key, brightness, contrast, saturation, hue)
+  # Under vmap, a switch on the traced order would run every op at each of the
+  # four positions: four HSV round trips per image, most of a view's time.
+  # Instead run the three cheap blends in order, those before the hue shift,
+  # the hue shift once, then those after it. A disabled blend has factor 1
+  # exactly, which is the identity, like torchvision's skipping it.
+  hue_at = jnp.argmax(order == 3)  # how many blends come before the hue shift
+  blends = order[jnp.argsort(order == 3, stable=True)[:3]]  # (3,) the other ops, in order
+  blend_ops = [adjust_brightness, adjust_contrast, adjust_saturation]
+
+  def blend(x: jax.Array, slot: int) -> jax.Array:
+    return jax.lax.switch(blends[slot], blend_ops, x, params[blends[slot]])
+
+  jittered = image
+  for slot in range(3):
+    jittered = jnp.where(slot < hue_at, blend(jittered, slot), jittered)
+  if hue > 0:
+    jittered = adjust_hue(jittered, params[3])
+  for slot in range(3):
+    jittered = jnp.where(slot >= hue_at, blend(jittered, slot), jittered)
+  return jnp.where(_bernoulli(apply_key, p), jittered, image)
+
+
+def grayscale(key: jax.Array, image: jax.Array, p: float) -> jax.Array:
+  """Replaces (H, W, C) by its luma on every channel with probability p."""
+  return jnp.where(_bernoulli(key, p), to_grayscale(image), image)
+
+
+# ---------------------------------------------------------- blur and solarize ---
+
+
+def gaussian_kernel(sigma: jax.Array, kernel_size: int) -> jax.Array:
+  """(2 * (kernel_size // 2) + 1,) normalised Gaussian taps; an even size grows by one."""
+  radius = kernel_size // 2  # SimCLR gaussian_blur: an even size becomes size + 1.
+  x = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  taps = jnp.exp(-0.5 * (x / sigma) ** 2)
+  return taps / jnp.sum(taps)
+
+
+def blur(image: jax.Array, sigma: jax.Array, kernel_size: int | None = None) -> jax.Array:
+  """Separable Gaussian blur of (H, W, C) with reflect padding; kernel ~10% of H by default."""
+  # SimCLR random_blur: kernel_size = height // 10 and sigma ~ U(0.1, 2). Its
+  # 'SAME' convolution pads with zeros, which darkens a border of the image;
+  # we pad by reflection, as torchvision's GaussianBlur does. (DINO blurs with
+  # PIL's GaussianBlur(radius=sigma), a box-blur approximation that extends
+  # edge pixels; with sigma <= 2 the three agree away from the border.)
+  height, width = image.shape[:2]
+  kernel = gaussian_kernel(sigma, height // 10 if kernel_size is None else kernel_size)
+  radius = kernel.shape[0] // 2
+  if radius >= min(height, width):
+    raise ValueError(f'A blur kernel of {kernel.shape[0]} taps needs an image larger than '
+                     f'{height}x{width}; pass a smaller kernel_size.')
+  for axis, n in ((0, height), (1, width)):
+    padding = [(0, 0)] * image.ndim
+    padding[axis] = (radius, radius)
+    padded = jnp.pad(image, padding, mode='reflect')
+    image = sum(kernel[t] * jax.lax.slice_in_dim(padded, t, t + n, axis=axis)
+                for t in range(kernel.shape[0]))
+  return image
+
+
+def gaussian_blur(key: jax.Array, image: jax.Array, p: float,
+                  sigma: tuple[float, float] = (0.1, 2.0),
+                  kernel_size: int | None = None) -> jax.Array:
+  """Blurs (H, W, C) with sigma ~ U(sigma) with probability p (SimCLR, DINO)."""
+  u = jax.random.uniform(key, (2,))  # apply, sigma
+  sampled = sigma[0] + (sigma[1] - sigma[0]) * u[1]
+  return jnp.where(u[0] < p, blur(image, sampled, kernel_size), image)
+
+
+def solarize(key: jax.Array, image: jax.Array, p: float, threshold: float = 0.5) -> jax.Array:
+  """Inverts pixels >= threshold with probability p (DINO utils.Solarization)."""
+  # PIL's ImageOps.solarize(threshold=128) inverts uint8 values >= 128, the
+  # same pixels as x >= 0.5 for x = value / 255; torchvision also uses >=.
+  solarized = jnp.where(image >= threshold, 1.0 - image, image)
+  return jnp.where(_bernoulli(key, p), solarized, image)
+
+
+# ------------------------------------------------------------ composed views ---
+
+
+def view(key: jax.Array, image: jax.Array, *, size: int,
+         crop_scale: tuple[float, float] = (0.08, 1.0),
+         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), interpolation: str = 'bicubic',
+         flip_prob: float = 0.5, brightness: float = 0.0, contrast: float = 0.0,
+         saturation: float = 0.0, hue: float = 0.0, jitter_prob: float = 0.0,
+         grayscale_prob: float = 0.0, blur_prob: float = 0.0,
+         blur_sigma: tuple[float, float] = (0.1, 2.0), blur_kernel_size: int | None = None,
+         solarize_prob: float = 0.0) -> jax.Array:
+  """One random view of one (H, W, C) image -> (size, size, C), in BYOL/DINO/SimCLR order."""
+  # crop, flip, colour jitter, grayscale, blur, solarize: the order of SimCLR's
+  # preprocess_for_train + random_blur and of DINO's DataAugmentationDINO.
+  # Ops with probability 0 are left out of the program (they would be no-ops).
+  crop_key, flip_key, jitter_key, gray_key, blur_key, solarize_key = jax.random.split(key, 6)
+  image = random_resized_crop(crop_key, image, size, crop_scale, crop_ratio, interpolation)
+  if flip_prob > 0:
+    image = horizontal_flip(flip_key, image, flip_prob)
+  if jitter_prob > 0:
+    image = color_jitter(jitter_key, image, brightness, contrast, saturation, hue, jitter_prob)
+  if grayscale_prob > 0:
+    image = grayscale(gray_key, image, grayscale_prob)
+  if blur_prob > 0:
+    image = gaussian_blur(blur_key, image, blur_prob, blur_sigma, blur_kernel_size)
+  if solarize_prob > 0:
+    image = solarize(solarize_key, image, solarize_prob)
+  return image  # (size, size, C)
+
+
+def simclr_view(key: jax.Array, image: jax.Array, *, size: int,
+                crop_scale: tuple[float, float] = (0.08, 1.0),
+                crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
+                jitter_strength: float = 1.0, jitter_prob: float = 0.8,
+                grayscale_prob: float = 0.2, blur_prob: float = 0.5,
+                interpolation: str = 'bicubic') -> jax.Array:
+  """One SimCLR view of (H, W, C) -> (size, size, C); defaults are the ImageNet recipe."""
+  # SimCLR (Chen et al. 2020, appendix A; data_util.color_jitter): brightness,
+  # contrast, saturation 0.8 s and hue 0.2 s for strength s (1.0 on ImageNet,
+  # 0.5 on CIFAR-10); blur with p 0.5 on ImageNet only (pass 0 for CIFAR).
+  return view(key, image, size=size, crop_scale=crop_scale, crop_ratio=crop_ratio,
+              interpolation=interpolation, flip_prob=0.5 if flip else 0.0,
+              brightness=0.8 * jitter_strength, contrast=0.8 * jitter_strength,
+              saturation=0.8 * jitter_strength, hue=0.2 * jitter_strength,
+              jitter_prob=jitter_prob, grayscale_prob=grayscale_prob, blur_prob=blur_prob)
+
+
+def augment_batch(key: jax.Array, images: jax.Array,
+                  view_fn: Callable[..., jax.Array], **view_kwargs) -> jax.Array:
+  """uint8 (B, H, W, C) -> float32 (B, size, size, C) views, one key per example."""
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f'augment_batch expects (B, H, W, 1|3) images, got shape {images.shape}')
+  if images.dtype == jnp.uint8:
+    images = images.astype(jnp.float32) / 255.0
+  # Float images are taken to be in [0, 1] already.
+  keys = jax.random.split(key, images.shape[0])  # (B,) keys
+  return jax.vmap(functools.partial(view_fn, **view_kwargs))(keys, images.astype(jnp.float32))
+
+
+def dino_multi_crop(key: jax.Array, images: jax.Array, *, global_size: int, local_size: int,
+                    num_local_crops: int,
+                    global_crop_scale: tuple[float, float] = (0.4, 1.0),
+                    local_crop_scale: tuple[float, float] = (0.05, 0.4),
+                    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                    interpolation: str = 'bicubic', flip_prob: float = 0.5,
+                    brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
+                    hue: float = 0.1, jitter_prob: float = 0.8, grayscale_prob: float = 0.2,
+                    global_blur_probs: tuple[float, float] = (1.0, 0.1),
+                    global_solarize_probs: tuple[float, float] = (0.0, 0.2),
+                    local_blur_prob: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
+                    blur_kernel_size: int | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+  """uint8 (B, H, W, C) -> DINO's (2, B, G, G, C) global and (n, B, L, L, C) local views.
+
+  DataAugmentationDINO (facebookresearch/dino, main_dino.py); the defaults
+  are its ImageNet settings. Every crop is flip + colour jitter (p 0.8) +
+  grayscale (p 0.2) after a random resized crop: the two global crops
+  (scale 0.4-1) are blurred with p 1.0 and 0.1 and the second is solarized
+  with p 0.2; the local crops (scale 0.05-0.4, at the small size) are
+  blurred with p 0.5. Each view has its own key and each example its own
+  key within a view. The local crops are one `vmap` over their keys, so the
+  compiled program holds one local-view pipeline, not n (and one global one).
+
+  Args:
+    key: PRNG key of this batch's views.
+    images: uint8 (or [0, 1] float) images, (B, H, W, C).
+    global_size: side of the global crops (224).
+    local_size: side of the local crops (96).
+    num_local_crops: number of local crops n (10); 0 gives a (0, B, L, L, C) array.
+    global_crop_scale: area fraction of the global crops.
+    local_crop_scale: area fraction of the local crops.
+    crop_ratio: aspect-ratio range of all crops.
+    interpolation: 'bicubic' (DINO) or 'bilinear'.
+    flip_prob: probability of a horizontal flip.
+    brightness: colour-jitter strengths (torchvision ColorJitter).
+    contrast: see brightness.
+    saturation: see brightness.
+    hue: see brightness.
+    jitter_prob: probability of applying the colour jitter.
+    grayscale_prob: probability of converting to grayscale.
+    global_blur_probs: blur probabilities of the first and second global crop.
+    global_solarize_probs: solarization probabilities of the two global crops.
+    local_blur_prob: blur probability of every local crop.
+    blur_sigma: range of the Gaussian blur's sigma, in output pixels (PIL's radius).
+    blur_kernel_size: taps of the blur kernel; None: 10% of the crop side.
+
+  Returns:
+    (global views (2, B, G, G, C), local views (n, B, L, L, C)), float32 in [0, 1].
+  """
+  shared = dict(crop_ratio=crop_ratio, interpolation=interpolation, flip_prob=flip_prob,
+                brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+                jitter_prob=jitter_prob, grayscale_prob=grayscale_prob)
+  # The two global views differ only in their blur and solarize probabilities:
+  # passed as arrays, one vmapped program makes both (compiling a view costs
+  # seconds on CPU; running it, milliseconds).
+  def global_view(view_key: jax.Array, image: jax.Array, blur_prob: jax.Array,
+                  solarize_prob: jax.Array) -> jax.Array:
+    view_key, blur_key, solarize_key = jax.random.split(view_key, 3)
+    image = view(view_key, image, size=global_size, crop_scale=global_crop_scale, **shared)
+    image = gaussian_blur(blur_key, image, blur_prob, blur_sigma, blur_kernel_size)
+    return solarize(solarize_key, image, solarize_prob)
+
+  global_keys = jax.random.split(jax.random.fold_in(key, 0), 2)
+  global_views = jax.vmap(lambda view_key, blur_prob, solarize_prob: augment_batch(
+      view_key, images, global_view, blur_prob=blur_prob, solarize_prob=solarize_prob))(
+          global_keys, jnp.asarray(global_blur_probs, jnp.float32),
+          jnp.asarray(global_solarize_probs, jnp.float32))
+  local_keys = jax.random.split(jax.random.fold_in(key, 1), num_local_crops)
+  local_views = jax.vmap(lambda view_key: augment_batch(
+      view_key, images, view, size=local_size, crop_scale=local_crop_scale,
+      blur_prob=local_blur_prob, blur_sigma=blur_sigma, blur_kernel_size=blur_kernel_size,
+      **shared))(local_keys)
+  return global_views, local_views

@@ -1,0 +1,111 @@
+"""SimCLR (Chen et al. 2020): contrast two augmented views of every image.
+
+Each image of the global batch is augmented twice on device, inside the
+jitted step (random resized crop, flip, colour jitter, grayscale, blur), each
+view with its own key. A ResNet encodes both views in one batch of 2N (so
+BatchNorm statistics are those of the whole global batch, across devices),
+a projection MLP maps them to z, and NT-Xent pulls the two views of an image
+together against all 2N - 2 other views. An online linear probe on
+stop-gradient features reports how good the representation is while it trains.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ssl_jax import losses
+from ssl_jax.data import device_augment
+from ssl_jax.data.normalize import denormalize
+from ssl_jax.eval.pictures import image_grid
+from ssl_jax.methods.base import Batch, Method, Metrics
+from ssl_jax.models.heads import LinearProbe, ProjectionMLP, probe_loss_and_accuracy
+from ssl_jax.models.resnet import ResNet
+
+
+class SimCLRModel(nnx.Module):
+  """ResNet encoder, projection MLP and the online linear probe."""
+
+  def __init__(self, encoder: ResNet, projector: ProjectionMLP, online_probe: LinearProbe):
+    self.encoder = encoder
+    self.projector = projector
+    self.online_probe = online_probe
+
+
+class SimCLR(Method):
+  """The SimCLR method: two on-device views, NT-Xent over the global batch."""
+
+  picture_name = 'views'
+
+  def build_encoder(self, rngs: nnx.Rngs) -> ResNet:
+    """A freshly initialised ResNet of the configured depth, width and stem."""
+    m = self.config.model
+    return ResNet(depth=m.depth, stem=m.stem, width_multiplier=m.width_multiplier,
+                  zero_init_residual=m.zero_init_residual, channels=self.config.data.channels,
+                  dtype=jnp.dtype(m.dtype), rngs=rngs)
+
+  def build(self, rngs: nnx.Rngs) -> SimCLRModel:
+    """Encoder, projection head and online probe, as configured in `config.model`."""
+    m = self.config.model
+    encoder = self.build_encoder(rngs)
+    projector = ProjectionMLP(encoder.num_features, m.projection_hidden, m.projection_dim,
+                              num_layers=m.projection_layers, dtype=jnp.dtype(m.dtype),
+                              rngs=rngs)
+    probe = LinearProbe(encoder.num_features, m.num_classes, rngs=rngs)
+    return SimCLRModel(encoder, projector, probe)
+
+  def _views(self, images: jax.Array, rng: jax.Array) -> jax.Array:
+    """uint8 (B, H, W, C) -> two augmented, normalised views (2B, S, S, C), view-major."""
+    a = self.config.augment
+    views = [
+        device_augment.augment_batch(
+            key, images, device_augment.simclr_view, size=a.size, crop_scale=a.crop_scale,
+            crop_ratio=a.crop_ratio, flip=a.flip, jitter_strength=a.jitter_strength,
+            jitter_prob=a.jitter_prob, grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob,
+            interpolation=self.config.data.interpolation)
+        for key in jax.random.split(rng)]
+    return self._normalize(jnp.concatenate(views))
+
+  def _normalize(self, images01: jax.Array) -> jax.Array:
+    mean = jnp.asarray(self.config.data.mean, jnp.float32)
+    std = jnp.asarray(self.config.data.std, jnp.float32)
+    return (images01 - mean) / std
+
+  def loss_fn(self, model: SimCLRModel, batch: Batch, rng: jax.Array,
+              step: jax.Array) -> tuple[jax.Array, Metrics]:
+    """NT-Xent of the two views' projections, plus the probe's cross-entropy."""
+    del step
+    num = batch['image'].shape[0]
+    views = self._views(batch['image'], rng)
+    features = model.encoder(views, train=True)['pooled']  # (2B, D)
+    z = model.projector(features, train=True)  # (2B, projection_dim)
+    contrastive = losses.ntxent_loss(z[:num], z[num:], self.config.model.temperature)
+    labels = jnp.concatenate([batch['label'], batch['label']])
+    probe_loss, probe_accuracy = probe_loss_and_accuracy(model.online_probe(features), labels)
+    # The probe's loss only reaches the probe (its input is stop-gradient).
+    return contrastive + probe_loss, {
+        'loss': contrastive, 'probe_loss': probe_loss, 'probe_train_top1': probe_accuracy}
+
+  def encoder(self, model: SimCLRModel) -> ResNet:
+    """The ResNet backbone, without projection head and probe."""
+    return model.encoder
+
+  def features(self, encoder: ResNet, images: jax.Array) -> jax.Array:
+    """uint8 images -> pooled ResNet features, BatchNorm in inference mode."""
+    images01 = images.astype(jnp.float32) / 255.0
+    return encoder(self._normalize(images01), train=False)['pooled'].astype(jnp.float32)
+
+  def classify(self, model: SimCLRModel, images: jax.Array) -> jax.Array:
+    """uint8 images -> the online probe's logits."""
+    return model.online_probe(self.features(model.encoder, images))
+
+  def visualize(self, model: SimCLRModel, batch: Batch, rng: jax.Array):
+    """The two augmented views of the first 8 images of the batch."""
+    del model
+    return {'views': self._views(batch['image'][:8], rng)}
+
+  def render(self, arrays) -> np.ndarray:
+    """Two rows: first views over second views."""
+    views = np.asarray(arrays['views'])
+    pixels = denormalize(views, self.config.data.mean, self.config.data.std)
+    return image_grid(pixels.reshape(2, -1, *pixels.shape[1:]))
