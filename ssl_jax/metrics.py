@@ -91,13 +91,35 @@ class MetricWriter:
       self._tb_writer.close()
 
 
-class Progress:
-  """Formats the console progress line: step, loss, lr, rates and ETA."""
+# Dense bfloat16 peak FLOP/s per device, by `jax.Device.device_kind`, for MFU.
+# From the vendors' spec sheets (no sparsity); unknown kinds (CPUs) get no MFU.
+PEAK_FLOPS = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5': 459e12,
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,
+    'TPU v6e': 918e12,
+    'NVIDIA A100-SXM4-40GB': 312e12,
+    'NVIDIA A100-SXM4-80GB': 312e12,
+    'NVIDIA H100 80GB HBM3': 989e12,
+    'NVIDIA H200': 989e12,
+}
 
-  def __init__(self, total_steps: int, start_step: int, unit: str, units_per_step: int):
+
+class Progress:
+  """Formats the console progress line: step, loss, lr, rates, model FLOP/s and ETA."""
+
+  def __init__(self, total_steps: int, start_step: int, unit: str, units_per_step: int,
+               *, flops_per_step: float | None = None, num_devices: int = 1,
+               device_kind: str = ''):
     self.total_steps = total_steps
     self.unit = unit
     self.units_per_step = units_per_step
+    self.flops_per_step = flops_per_step
+    self.num_devices = num_devices
+    self.peak_flops = PEAK_FLOPS.get(device_kind)
     self._last_time = time.perf_counter()
     self._last_step = start_step
     self._elapsed = 0.0
@@ -109,8 +131,14 @@ class Progress:
     self._elapsed = now - self._last_time
     steps_per_sec = (step - self._last_step) / max(self._elapsed, 1e-9)
     self._last_time, self._last_step = now, step
-    return {'steps_per_sec': steps_per_sec,
-            f'{self.unit}_per_sec': steps_per_sec * self.units_per_step}
+    rates = {'steps_per_sec': steps_per_sec,
+             f'{self.unit}_per_sec': steps_per_sec * self.units_per_step}
+    if self.flops_per_step:
+      per_device = steps_per_sec * self.flops_per_step / self.num_devices
+      rates['tflops_per_sec_per_device'] = per_device / 1e12
+      if self.peak_flops:
+        rates['mfu'] = per_device / self.peak_flops
+    return rates
 
   def line(self, step: int, scalars: dict[str, Any]) -> str:
     """'step 120/1000 | loss 0.8123 | lr 0.0012 | 15.3 steps/s | 3917 images/s | ETA 0:00:57'."""
@@ -121,9 +149,14 @@ class Progress:
     steps_per_sec = scalars['steps_per_sec']
     eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float('inf')
     eta_text = str(datetime.timedelta(seconds=round(eta))) if np.isfinite(eta) else '?'
+    flops = ''
+    if 'mfu' in scalars:
+      flops = f' | MFU {100 * scalars["mfu"]:.1f}%'
+    elif 'tflops_per_sec_per_device' in scalars:
+      flops = f' | {scalars["tflops_per_sec_per_device"] * 1e3:.1f} GFLOP/s/device'
     return (f'step {step}/{self.total_steps} | loss {scalars["loss"]:.4f} | '
             f'lr {scalars["lr"]:.3g} | {steps_per_sec:.2f} steps/s | '
-            f'{scalars[f"{self.unit}_per_sec"]:.0f} {self.unit}/s | ETA {eta_text}')
+            f'{scalars[f"{self.unit}_per_sec"]:.0f} {self.unit}/s{flops} | ETA {eta_text}')
 
 
 def log_line(text: str) -> None:

@@ -29,7 +29,6 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ssl_jax import checkpoint, methods, optim, sharding
-from ssl_jax.data import pipeline
 from ssl_jax.errors import ConfigError
 from ssl_jax.eval.evaluator import Evaluator
 from ssl_jax.methods.base import Method
@@ -214,17 +213,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
-  train_data, source = pipeline.train_dataset(
-      config.data, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  config = resolve_config(config, len(source))
+  # The data decides the epoch length, which the resolved config (and so the
+  # method built from it) depends on.
+  train_data = methods.create(config).train_data(workdir)
+  config = resolve_config(config, train_data.num_examples)
   method = methods.create(config)
   schedule, tx = build_optimizer(config)
   log_line(f'{config.method}: {config.train.steps} steps of batch {config.data.batch_size} '
-           f'({config.train.steps_per_epoch} steps/epoch over {len(source)} examples of '
-           f'{config.data.source}); peak lr {config.optim.peak_lr:.3g}; mesh '
+           f'({config.train.steps_per_epoch} steps/epoch over {train_data.num_examples} '
+           f'examples of {config.data.source}); peak lr {config.optim.peak_lr:.3g}; mesh '
            f'{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices')
-  log_line('data: ' + pipeline.describe_train(config.data, source, jax.process_count()))
+  log_line('data: ' + train_data.description)
 
   with sharding.activate(mesh, rules):
     graphdef, shardings = state_shardings_and_graphdef(method, tx, mesh, config.seed)
@@ -232,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                            keep=config.train.keep_checkpoints)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     job = Job(config=config, method=method, mesh=mesh, workdir=workdir,
-              checkpointer=checkpointer, data_iter=iter(train_data),
+              checkpointer=checkpointer, data_iter=iter(train_data.dataset),
               train_step=make_train_step(method, graphdef, tx, schedule, shardings, mesh),
               evaluator=Evaluator(config, method, graphdef, mesh, writer, workdir),
               writer=writer,
@@ -269,8 +268,11 @@ def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
   """Steps until `train.steps`; returns (state, last batch, stopped by a signal)."""
   config, total = job.config, job.config.train.steps
   step = int(state['step'])
+  flops = job.method.train_flops_per_example()
   progress = Progress(total, step, job.method.throughput_unit,
-                      job.method.examples_to_units(config.data.batch_size))
+                      job.method.examples_to_units(config.data.batch_size),
+                      flops_per_step=None if flops is None else flops * config.data.batch_size,
+                      num_devices=jax.device_count(), device_kind=jax.devices()[0].device_kind)
   stop = StopSignal()
   pending, batch, first_step = [], None, step + 1
   if step < total:
@@ -286,6 +288,8 @@ def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
         pending = []
         scalars.update(progress.rates(step))
         log_line(progress.line(step, scalars))
+        for warning in job.method.check_metrics(scalars):
+          log_line(f'WARNING at step {step}: {warning}')
         job.writer.write_scalars(step, scalars)
       if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
         results = job.evaluator(state, batch, job.rng)
@@ -326,6 +330,10 @@ def finish(job: Job, state: TrainState, batch: Any) -> dict[str, float]:
       log_line(f'{title}, {config.eval.train_source} -> {config.eval.test_source}: '
                f'trained {results[name]:.4f}'
                + ('' if baseline is None else f' | random init {baseline:.4f}'))
+  held_out = {k: v for k, v in results.items() if k.startswith('val_')}
+  if held_out:
+    log_line(f'held-out split at step {step}: '
+             + ', '.join(f'{k[4:]} {v:.4f}' for k, v in held_out.items()))
   if 'probe_top1' in results:
     log_line(f'online probe top-1 (trained alongside) on {config.eval.test_source}: '
              f'{results["probe_top1"]:.4f}')

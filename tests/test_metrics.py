@@ -50,3 +50,26 @@ def test_progress_line(monkeypatch):
   assert scalars['steps_per_sec'] == 10.0 and scalars['images_per_sec'] == 1280.0
   assert progress.line(101, scalars) == (
       'step 101/1000 | loss 0.2500 | lr 0.002 | 10.00 steps/s | 1280 images/s | ETA 0:01:30')
+
+
+def test_progress_reports_model_flops_and_mfu(monkeypatch):
+  clock = iter([0.0, 1.0, 2.0])
+  monkeypatch.setattr(metrics.time, 'perf_counter', lambda: next(clock))
+  # 2 devices of a known kind: 10 steps/s x 1e14 FLOPs/step / 2 devices = 5e14 FLOP/s each.
+  progress = metrics.Progress(total_steps=100, start_step=0, unit='tokens', units_per_step=4096,
+                              flops_per_step=1e14, num_devices=2,
+                              device_kind='NVIDIA H100 80GB HBM3')
+  progress.line(10, {'loss': 1.0, 'lr': 1e-4, **progress.rates(10)})  # The compile line.
+  scalars = {'loss': 1.0, 'lr': 1e-4, **progress.rates(20)}
+  assert scalars['tflops_per_sec_per_device'] == 500.0
+  assert scalars['mfu'] == 5e14 / 989e12
+  assert 'MFU 50.6%' in progress.line(20, scalars)
+  # A device kind with no known peak (a CPU) shows the achieved rate instead.
+  clock2 = iter([0.0, 1.0, 2.0])
+  monkeypatch.setattr(metrics.time, 'perf_counter', lambda: next(clock2))
+  cpu = metrics.Progress(total_steps=100, start_step=0, unit='tokens', units_per_step=1,
+                         flops_per_step=1e9, num_devices=1, device_kind='cpu')
+  cpu.line(1, {'loss': 1.0, 'lr': 1e-4, **cpu.rates(1)})
+  scalars = {'loss': 1.0, 'lr': 1e-4, **cpu.rates(3)}
+  assert 'mfu' not in scalars
+  assert '2.0 GFLOP/s/device' in cpu.line(3, scalars)

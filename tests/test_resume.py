@@ -75,29 +75,27 @@ def test_kill_and_sigterm_then_resume_equals_uninterrupted(tmp_path):
   assert [s for s, _ in losses(straight)] == list(range(1, 41))
 
 
-def test_finished_run_reruns_without_training(tmp_path):
-  first = runner.run_main(tmp_path, *runner.TINY, '--config.train.steps=6')
-  assert first.returncode == 0, first.stdout + first.stderr
-  again = runner.run_main(tmp_path, *runner.TINY, '--config.train.steps=6')
-  assert again.returncode == 0, again.stdout + again.stderr
-  assert 'Resumed from' in again.stdout and 'Compiling the train step' not in again.stdout
-  assert [r['step'] for r in runner.read_metrics(tmp_path) if 'loss' in r] == [1, 2, 3, 4, 5, 6]
-
-
-def test_corrupt_checkpoint_gives_clear_error_and_deletes_nothing(tmp_path):
+def test_rerun_of_finished_run_skips_training_and_corrupt_checkpoint_is_reported(tmp_path):
   first = runner.run_main(tmp_path, *runner.TINY, '--config.train.steps=6',
                           '--config.train.checkpoint_every=2')
   assert first.returncode == 0, first.stdout + first.stderr
+  # The same command again: nothing left to train, so it only re-runs the final phase.
+  again = runner.run_main(tmp_path, *runner.TINY, '--config.train.steps=6',
+                          '--config.train.checkpoint_every=2')
+  assert again.returncode == 0, again.stdout + again.stderr
+  assert 'Resumed from' in again.stdout and 'Compiling the train step' not in again.stdout
+  assert [r['step'] for r in runner.read_metrics(tmp_path) if 'loss' in r] == [1, 2, 3, 4, 5, 6]
+  # Now corrupt the newest checkpoint's arrays: a clear error, and not a byte changes.
   state_dir = tmp_path / 'checkpoints' / '6' / 'state'
   for f in state_dir.rglob('*'):
     if f.is_file() and f.stat().st_size > 1000:  # Array data files.
       f.write_bytes(b'garbage' * 10)
   before = file_contents(tmp_path)
-  again = runner.run_main(tmp_path, *runner.TINY, '--config.train.steps=8',
-                          '--config.train.checkpoint_every=2')
-  assert again.returncode != 0
-  assert 'Cannot restore checkpoint step 6' in again.stderr, again.stderr
-  assert 'Nothing was deleted' in again.stderr and 'Traceback' not in again.stderr
+  broken = runner.run_main(tmp_path, *runner.TINY, '--config.train.steps=8',
+                           '--config.train.checkpoint_every=2')
+  assert broken.returncode != 0
+  assert 'Cannot restore checkpoint step 6' in broken.stderr, broken.stderr
+  assert 'Nothing was deleted' in broken.stderr and 'Traceback' not in broken.stderr
   assert file_contents(tmp_path) == before  # Not a byte changed, config.json included.
 
 

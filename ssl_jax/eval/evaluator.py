@@ -6,6 +6,9 @@
   the frozen train-split features, scored on the test split.
 - Online linear probe (methods with `classify`, e.g. SimCLR): top-1 of the
   probe trained alongside pretraining, on `eval.test_source`.
+- Held-out pretext metrics (methods with `eval_step`, e.g. a language
+  model's validation loss): summed over `method.eval_batches`, logged as
+  `val_<name>`.
 - Pictures (`eval.pictures`): what the method draws (`visualize` + `render`),
   saved under `workdir/images/` and in TensorBoard.
 """
@@ -67,6 +70,9 @@ class Evaluator:
     self.knn = bool(config.eval.knn and has_splits)
     self.linear = bool(config.eval.linear_probe and has_splits)
     self.probe = bool(type(method).classify is not Method.classify and config.eval.test_source)
+    self.held_out = type(method).eval_step is not Method.eval_step
+    self._eval_step = jax.jit(lambda params, rest, batch: method.eval_step(
+        nnx.merge(graphdef, params, rest), batch))
     self._visualize = jax.jit(lambda params, rest, batch, rng: method.visualize(
         nnx.merge(graphdef, params, rest), batch, rng))
     self._classify = jax.jit(lambda params, rest, images: method.classify(
@@ -109,12 +115,26 @@ class Evaluator:
       total += int(valid.sum())
     return correct / max(total, 1)
 
+  def held_out_scores(self, state: dict[str, Any]) -> dict[str, float]:
+    """`val_<name>`: the method's eval_step sums over its held-out batches."""
+    totals: dict[str, list[float]] = {}
+    for batch in self.method.eval_batches(self.workdir) or ():
+      placed = sharding.put_batch(batch, self.mesh)
+      sums = jax.device_get(self._eval_step(state['params'], state['model_state'], placed))
+      for name, (total, count) in sums.items():
+        running = totals.setdefault(name, [0.0, 0.0])
+        running[0] += float(total)
+        running[1] += float(count)
+    return {f'val_{name}': total / max(count, 1e-9) for name, (total, count) in totals.items()}
+
   def __call__(self, state: dict[str, Any], batch: dict, rng: jax.Array) -> dict[str, float]:
     """Eval metrics for `state`; saves a picture under images/ when the method draws one."""
     step = int(state['step'])
     results = self.representation_scores(self.encoder(state))
     if self.probe:
       results['probe_top1'] = self.probe_top1(state)
+    if self.held_out:
+      results.update(self.held_out_scores(state))
     if self.config.eval.pictures:
       arrays = self._visualize(state['params'], state['model_state'], batch, rng)
       if arrays is not None:

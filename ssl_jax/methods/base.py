@@ -6,15 +6,28 @@ to know which method it is training.
 """
 
 import abc
+import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
+
+from ssl_jax.data import pipeline
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass
+class TrainData:
+  """A method's infinite, resumable train stream and what the log says about it."""
+  dataset: Any  # A grain dataset of this process's batches (its iterator is checkpointed).
+  num_examples: int  # Examples in one epoch (steps per epoch = num_examples // batch).
+  description: str  # One line for the start-up log.
 
 
 class Method(abc.ABC):
@@ -27,6 +40,18 @@ class Method(abc.ABC):
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
+
+  # ----------------------------------------------------------------------------
+  # Data.
+  # ----------------------------------------------------------------------------
+  def train_data(self, workdir: epath.Path) -> TrainData:
+    """The train stream: by default the image pipeline of `config.data`."""
+    del workdir
+    dataset, source = pipeline.train_dataset(
+        self.config.data, seed=self.config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    return TrainData(dataset, len(source),
+                     pipeline.describe_train(self.config.data, source, jax.process_count()))
 
   # ----------------------------------------------------------------------------
   # Model and loss.
@@ -47,6 +72,26 @@ class Method(abc.ABC):
   def examples_to_units(self, batch_size: int) -> int:
     """How many throughput units (images, tokens) one batch of examples holds."""
     return batch_size
+
+  def train_flops_per_example(self) -> float | None:
+    """Model FLOPs of one example's forward + backward pass (for MFU), if known."""
+    return None
+
+  def check_metrics(self, scalars: dict[str, float]) -> list[str]:
+    """Warnings about logged scalars (e.g. a collapse), printed at log steps."""
+    del scalars
+    return []
+
+  # ----------------------------------------------------------------------------
+  # Held-out evaluation of the pretext task (e.g. a language model's val loss).
+  # ----------------------------------------------------------------------------
+  def eval_batches(self, workdir: epath.Path) -> Iterable[dict[str, np.ndarray]] | None:
+    """This process's share of held-out batches for `eval_step`, or None."""
+    del workdir
+
+  def eval_step(self, model: nnx.Module, batch: Batch) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{name: (sum, count)} over one global batch; the evaluator logs val_name = sum / count."""
+    raise TypeError(f'{type(self).__name__} defines no held-out eval step.')
 
   # ----------------------------------------------------------------------------
   # Encoder export and probing.
