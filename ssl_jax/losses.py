@@ -85,3 +85,62 @@ def ntxent_loss(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
   positive = jnp.concatenate([jnp.arange(num, 2 * num), jnp.arange(num)])  # (2N,)
   positive_logits = jnp.take_along_axis(logits, positive[:, None], axis=1)[:, 0]
   return jnp.mean(jax.nn.logsumexp(logits, axis=1) - positive_logits)
+
+
+def _weighted_token_cross_entropy(logits: jax.Array, labels: jax.Array,
+                                  weights: jax.Array) -> jax.Array:
+  """Sum of weights * CE(logits, labels) over tokens, divided by the sum of weights.
+
+  Labels where the weight is 0 may hold anything (padding, -100): they are
+  replaced by 0 before the gather, so they never produce a NaN. With no
+  counted token the result is 0 with zero (not NaN) gradients.
+  """
+  logits = logits.astype(jnp.float32)  # (B, T, V)
+  weights = weights.astype(jnp.float32)  # (B, T)
+  labels = jnp.where(weights > 0, labels, 0).astype(jnp.int32)  # (B, T)
+  label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  cross_entropy = jax.nn.logsumexp(logits, axis=-1) - label_logits  # (B, T)
+  count = jnp.sum(weights)
+  return jnp.sum(cross_entropy * weights) / jnp.maximum(count, 1e-8)
+
+
+def next_token_loss(logits: jax.Array, tokens: jax.Array,
+                    weights: jax.Array | None = None) -> jax.Array:
+  """GPT's objective: mean cross-entropy of `logits[:, t]` against `tokens[:, t+1]`.
+
+  Args:
+    logits: (B, T, V) the model's outputs for the input `tokens`.
+    tokens: (B, T) int the input tokens; the targets are the same tokens
+      shifted left by one, so the last position has no target.
+    weights: optional (B, T), aligned with `tokens`: `weights[:, t]` weighs
+      the prediction *of* `tokens[:, t]` (made at position t-1), so padding
+      marked 0 there never counts as a target; `weights[:, 0]` is unused.
+      None counts every target.
+
+  Returns:
+    The scalar mean over counted targets (0 if none counts).
+  """
+  if logits.shape[:2] != tokens.shape:
+    raise ValueError(f'next_token_loss: logits {logits.shape} do not match tokens '
+                     f'{tokens.shape} in (B, T).')
+  targets = tokens[:, 1:]  # (B, T-1)
+  weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights[:, 1:]
+  return _weighted_token_cross_entropy(logits[:, :-1], targets, weights)
+
+
+def masked_lm_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+  """BERT's objective: mean cross-entropy over positions whose weight is 1.
+
+  Args:
+    logits: (B, T, V) the model's outputs on the corrupted input.
+    labels: (B, T) int the original tokens; read only where `weights` > 0.
+    weights: (B, T) 1 at the positions chosen for prediction, 0 elsewhere
+      (unchosen tokens and padding).
+
+  Returns:
+    The scalar mean over chosen positions (0 if none is chosen).
+  """
+  if logits.shape[:2] != labels.shape or labels.shape != weights.shape:
+    raise ValueError(f'masked_lm_loss: logits {logits.shape}, labels {labels.shape} and '
+                     f'weights {weights.shape} must agree in (B, T).')
+  return _weighted_token_cross_entropy(logits, labels, weights)
