@@ -87,6 +87,64 @@ def ntxent_loss(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
   return jnp.mean(jax.nn.logsumexp(logits, axis=1) - positive_logits)
 
 
+def dino_loss(student: jax.Array, teacher: jax.Array, center: jax.Array,
+              student_temp: float | jax.Array, teacher_temp: float | jax.Array) -> jax.Array:
+  """DINO's self-distillation cross-entropy (Caron et al. 2021, Sec. 3.1, eq. 2-3).
+
+  Follows `DINOLoss.forward` of facebookresearch/dino (main_dino.py): the
+  teacher distribution is centred and sharpened, softmax((t - center) /
+  teacher_temp), and is a constant (stop-gradient); every teacher view v is
+  compared with every student view s != v, each pair's cross-entropy is
+  averaged over the batch, and the pairs are averaged. The student's global
+  crops come first, so student view i and teacher view i are the same crop.
+  Under `jit` with a sharded batch the batch mean is the global one.
+
+  Args:
+    student: (S, B, D) student outputs, the T global crops first, then the
+      local crops.
+    teacher: (T, B, D) teacher outputs of the global crops.
+    center: (D,) or (1, D) running center of the teacher outputs.
+    student_temp: the student's softmax temperature (0.1 in the paper).
+    teacher_temp: the teacher's softmax temperature (0.04 -> 0.07).
+
+  Returns:
+    The scalar loss: mean over the T * (S - 1) pairs (t, s), t != s.
+  """
+  num_student, num_teacher = student.shape[0], teacher.shape[0]
+  if num_teacher > num_student or student.shape[1:] != teacher.shape[1:]:
+    raise ValueError(f'dino_loss: student {student.shape} must be (S, B, D) and teacher '
+                     f'{teacher.shape} (T, B, D) with T <= S (global crops first).')
+  log_student = jax.nn.log_softmax(student.astype(jnp.float32) / student_temp, axis=-1)
+  centred = jax.lax.stop_gradient(teacher.astype(jnp.float32) - center.astype(jnp.float32))
+  teacher_probs = jax.nn.softmax(centred / teacher_temp, axis=-1)  # (T, B, D)
+  # (T, S) batch-mean cross-entropies of every (teacher view, student view) pair.
+  # HIGHEST: on TPU a default float32 matmul rounds its inputs to bfloat16.
+  cross_entropy = -jnp.einsum('tbd,sbd->ts', teacher_probs, log_student,
+                              precision=jax.lax.Precision.HIGHEST) / student.shape[1]
+  other_view = 1.0 - jnp.eye(num_teacher, num_student, dtype=jnp.float32)
+  return jnp.sum(cross_entropy * other_view) / (num_teacher * (num_student - 1))
+
+
+def dino_center(center: jax.Array, teacher: jax.Array, momentum: float | jax.Array) -> jax.Array:
+  """EMA of the batch mean of raw teacher outputs (DINOLoss.update_center).
+
+  Args:
+    center: (1, D) (or (D,)) current center.
+    teacher: (T, B, D) teacher outputs of the global crops (not centred).
+    momentum: the EMA rate (0.9 in the paper).
+
+  Returns:
+    The new center, shaped and typed like `center` in float32:
+    center * momentum + mean(teacher) * (1 - momentum), the mean over all T * B
+    rows; under `jit` with a sharded batch that mean spans every device, as the
+    reference's all_reduce does.
+  """
+  teacher = jax.lax.stop_gradient(teacher.astype(jnp.float32))
+  batch_center = jnp.mean(teacher.reshape(-1, teacher.shape[-1]), axis=0)  # (D,)
+  center = center.astype(jnp.float32)
+  return center * momentum + batch_center.reshape(center.shape) * (1.0 - momentum)
+
+
 def _weighted_token_cross_entropy(logits: jax.Array, labels: jax.Array,
                                   weights: jax.Array) -> jax.Array:
   """Sum of weights * CE(logits, labels) over tokens, divided by the sum of weights.

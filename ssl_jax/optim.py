@@ -6,9 +6,20 @@ SimCLR and DINO papers; 'none': peak lr = lr), `schedule`
 (warmup_cosine | warmup_linear | constant), `warmup_steps` / `warmup_epochs`,
 `min_lr`, `weight_decay`, `b1`, `b2`, `eps`, `momentum`, `trust_coefficient`
 (LARS), `grad_clip_norm` (0 = off).
+
+For DINO-style recipes, all neutral by default: `weight_decay_end` (None: a
+constant `weight_decay`; else a cosine from `weight_decay` to it over
+`weight_decay_steps` steps), `grad_clip_scope` ('global' norm, or
+'per_parameter' as DINO's utils.clip_gradients), and `freeze_steps` (0 = off)
+with `freeze_module` (adamw only): parameters under a module of that name get
+no update at all, not even weight decay, for the first `freeze_steps` steps.
 """
 
+import math
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -55,36 +66,145 @@ PROBE_MODULE = 'online_probe'
 def decay_mask(params):
   """Weight decay (and LARS adaptation) on kernels only; biases, norms, probes exempt.
 
-  The MAE/timm rule (`optim_factory.add_weight_decay`) exempts 1-D parameters;
-  tokens of shape (1, 1, D) are decayed, as in MAE pretraining. SimCLR's LARS
+  The MAE/timm rule (`optim_factory.add_weight_decay`) exempts 1-D parameters
+  and biases; tokens of shape (1, 1, D) are decayed, as in MAE pretraining. A
+  bias is exempt whatever its rank: the fused qkv bias is (3, heads, head_dim)
+  here but a 1-D vector in PyTorch. SimCLR's LARS
   (`exclude_from_weight_decay=['batch_normalization', 'bias', 'head_supervised']`)
   is the same rule plus the supervised probe.
   """
   def decayed(path, param):
-    in_probe = any(getattr(key, 'key', None) == PROBE_MODULE for key in path)
-    return param.ndim > 1 and not in_probe
+    names = [getattr(key, 'key', None) for key in path]
+    return param.ndim > 1 and PROBE_MODULE not in names and 'bias' not in names
   return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def weight_decay_schedule(optim: ml_collections.ConfigDict) -> float | optax.Schedule:
+  """`weight_decay`, or DINO's cosine from it to `weight_decay_end` (utils.cosine_scheduler)."""
+  if optim.weight_decay_end is None:
+    return optim.weight_decay
+  if not optim.weight_decay_steps or optim.weight_decay_steps < 1:
+    raise ConfigError('config.optim.weight_decay_end needs config.optim.weight_decay_steps, '
+                      f'the length of the cosine in steps (got {optim.weight_decay_steps})')
+  start, end, steps = optim.weight_decay, optim.weight_decay_end, int(optim.weight_decay_steps)
+
+  def schedule(step):
+    progress = jnp.minimum(step, steps) / steps
+    return end + 0.5 * (start - end) * (1.0 + jnp.cos(math.pi * progress))
+  return schedule
+
+
+def clip_by_parameter_norm(max_norm: float) -> optax.GradientTransformation:
+  """Scales each parameter's gradient to L2 norm <= max_norm (DINO's clip_gradients)."""
+  def clip(updates, state, params=None):
+    del params
+    def one(g):
+      coefficient = max_norm / (jnp.linalg.norm(g) + 1e-6)  # The reference's epsilon.
+      return g * jnp.minimum(coefficient, 1.0).astype(g.dtype)
+    return jax.tree.map(one, updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), clip)
+
+
+def frozen_mask(params, module: str):
+  """True for parameters under a module named `module` (e.g. DINO's `last_layer`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(getattr(key, 'key', None) == module for key in path), params)
+
+
+def _named_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule,
+                     weight_decay: float | optax.Schedule) -> optax.GradientTransformation:
+  if optim.name == 'adamw':
+    return optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=weight_decay, mask=decay_mask)
+  if optim.name == 'lars':
+    # You et al. 2017 as SimCLR uses it: decay, then the layer-wise trust ratio
+    # eta * |w| / |g|, then momentum; both skip the parameters decay_mask exempts.
+    return optax.lars(schedule, weight_decay=weight_decay, weight_decay_mask=decay_mask,
+                      trust_coefficient=optim.trust_coefficient, eps=0.0,
+                      trust_ratio_mask=decay_mask, momentum=optim.momentum)
+  if optim.name == 'sgd':
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
+                       optax.sgd(schedule, momentum=optim.momentum or None))
+  raise ConfigError(f'config.optim.name={optim.name!r}: expected adamw, lars or sgd')
+
+
+class LateStartAdamState(NamedTuple):
+  """State of `scale_by_adam_late_start`: optax's Adam state."""
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def scale_by_adam_late_start(b1: float, b2: float, eps: float, late_mask,
+                             start_step: int) -> optax.GradientTransformation:
+  """optax.scale_by_adam, but the leaves marked by `late_mask` count steps from `start_step`.
+
+  torch's AdamW keeps a step count per tensor and skips tensors without a
+  gradient, so a layer frozen for F steps (DINO's last layer) starts its bias
+  correction 1 - b^t at t = 1 when it thaws. With one global count it would
+  use t = F + 1 and take up to ~6x larger steps for hundreds of steps.
+  """
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return LateStartAdamState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
+
+  def update(updates, state, params=None):
+    count = optax.safe_increment(state.count)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
+
+    def step(m, v, late):
+      t = jnp.maximum(count - start_step, 1) if late else count
+      m_hat = m / (1 - b1 ** t.astype(m.dtype))
+      v_hat = v / (1 - b2 ** t.astype(v.dtype))
+      return m_hat / (jnp.sqrt(v_hat) + eps)
+    return jax.tree.map(step, mu, nu, late_mask(params)), LateStartAdamState(count, mu, nu)
+
+  return optax.GradientTransformation(init, update)
+
+
+def zero_while(mask, steps: int) -> optax.GradientTransformation:
+  """Sets the updates of the leaves marked by `mask` to 0 during the first `steps` calls."""
+  def update(updates, state, params=None):
+    frozen = state.count < steps
+    updates = jax.tree.map(lambda u, f: jnp.where(frozen, 0.0, u).astype(u.dtype) if f else u,
+                           updates, mask(params))
+    return updates, optax.ScaleByScheduleState(optax.safe_increment(state.count))
+  return optax.GradientTransformation(
+      lambda params: optax.ScaleByScheduleState(jnp.zeros([], jnp.int32)), update)
 
 
 def build_optimizer(optim: ml_collections.ConfigDict,
                     schedule: optax.Schedule) -> optax.GradientTransformation:
-  """The optax chain named by `config.optim.name`, with optional gradient clipping."""
-  if optim.name == 'adamw':
-    tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                     weight_decay=optim.weight_decay, mask=decay_mask)
-  elif optim.name == 'lars':
-    # You et al. 2017 as SimCLR uses it: decay, then the layer-wise trust ratio
-    # eta * |w| / |g|, then momentum; both skip the parameters decay_mask exempts.
-    tx = optax.lars(schedule, weight_decay=optim.weight_decay, weight_decay_mask=decay_mask,
-                    trust_coefficient=optim.trust_coefficient, eps=0.0,
-                    trust_ratio_mask=decay_mask, momentum=optim.momentum)
-  elif optim.name == 'sgd':
-    tx = optax.chain(optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
-                     optax.sgd(schedule, momentum=optim.momentum or None))
+  """The optax chain named by `config.optim.name`, with optional clipping and freezing."""
+  weight_decay = weight_decay_schedule(optim)
+  freeze_steps = int(round(optim.freeze_steps or 0))
+  if freeze_steps <= 0:
+    tx = _named_optimizer(optim, schedule, weight_decay)
+  elif optim.name == 'adamw':
+    # DINO's cancel_gradients_last_layer sets these gradients to None, so
+    # torch's AdamW skips the parameters entirely: no moments, no step count,
+    # no weight decay. Zero gradients keep Adam's moments at 0; the second
+    # zero_while removes the decay; the late-start count does the rest.
+    def frozen(params):
+      return frozen_mask(params, optim.freeze_module)
+    tx = optax.chain(
+        zero_while(frozen, freeze_steps),
+        scale_by_adam_late_start(optim.b1, optim.b2, optim.eps, frozen, freeze_steps),
+        optax.add_decayed_weights(weight_decay, mask=decay_mask),
+        zero_while(frozen, freeze_steps),
+        optax.scale_by_learning_rate(schedule))
   else:
-    raise ConfigError(f'config.optim.name={optim.name!r}: expected adamw, lars or sgd')
+    raise ConfigError(f'config.optim.freeze_steps is implemented for adamw, not {optim.name!r}')
   if optim.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), tx)
+    if optim.grad_clip_scope == 'global':
+      clip = optax.clip_by_global_norm(optim.grad_clip_norm)
+    elif optim.grad_clip_scope == 'per_parameter':
+      clip = clip_by_parameter_norm(optim.grad_clip_norm)
+    else:
+      raise ConfigError(f'config.optim.grad_clip_scope={optim.grad_clip_scope!r}: expected '
+                        "'global' or 'per_parameter'")
+    tx = optax.chain(clip, tx)
   return tx
 
 
@@ -105,6 +225,11 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
       'momentum': 0.9,
       'trust_coefficient': 0.001,  # LARS eta.
       'grad_clip_norm': 0.0,
+      'grad_clip_scope': 'global',  # Or 'per_parameter' (DINO).
+      'weight_decay_end': ml_collections.config_dict.placeholder(float),  # None: constant.
+      'weight_decay_steps': ml_collections.config_dict.placeholder(int),
+      'freeze_module': 'last_layer',
+      'freeze_steps': 0,
   })
   optim.update(overrides)
   return optim

@@ -1,5 +1,6 @@
 """Optimizers and schedules against hand-written formulas."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -76,3 +77,115 @@ def test_peak_lr_scaling_and_errors():
     optim.peak_learning_rate(config(lr_scaling='cubic'), 256)
   with pytest.raises(ValueError, match='optim.name'):
     optim.build_optimizer(config(name='adagrad'), optax.constant_schedule(1.0))
+
+
+# ------------------------------------------------------------ DINO's additions ---
+
+
+def dino_cosine_scheduler(base, final, steps):
+  """utils.cosine_scheduler of facebookresearch/dino without warmup, one value per step."""
+  iters = np.arange(steps)
+  return final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+
+
+def test_new_keys_are_neutral_by_default():
+  default = optim.build_optimizer(config(name='adamw', weight_decay=0.1),
+                                  optax.constant_schedule(0.1))
+  plain = optax.adamw(optax.constant_schedule(0.1), weight_decay=0.1, mask=optim.decay_mask)
+  assert (jax.tree.structure(default.init(params())) == jax.tree.structure(plain.init(params())))
+  assert optim.weight_decay_schedule(config(weight_decay=0.3)) == 0.3
+
+
+def test_weight_decay_follows_dino_cosine():
+  schedule = optim.weight_decay_schedule(config(weight_decay=0.04, weight_decay_end=0.4,
+                                                weight_decay_steps=100))
+  np.testing.assert_allclose([float(schedule(i)) for i in range(100)],
+                             dino_cosine_scheduler(0.04, 0.4, 100), rtol=1e-5)
+  np.testing.assert_allclose(float(schedule(500)), 0.4, rtol=1e-6)  # Stays at the end value.
+  # AdamW applies it by step: with zero gradients the update is -lr * wd(step) * w on kernels.
+  tx = optim.build_optimizer(config(name='adamw', weight_decay=0.04, weight_decay_end=0.4,
+                                    weight_decay_steps=4), optax.constant_schedule(0.5))
+  zero = jax.tree.map(jnp.zeros_like, params())
+  state = tx.init(params())
+  for step in range(3):
+    updates, state = tx.update(zero, state, params())
+    want = -0.5 * dino_cosine_scheduler(0.04, 0.4, 4)[step] * 0.5
+    np.testing.assert_allclose(updates['conv']['kernel'], want, rtol=1e-5)
+    np.testing.assert_array_equal(updates['conv']['bias'], 0.0)
+  with pytest.raises(ValueError, match='weight_decay_steps'):
+    optim.weight_decay_schedule(config(weight_decay_end=0.4))
+
+
+def test_per_parameter_clipping_matches_dino():
+  """utils.clip_gradients: each tensor scaled by clip / (|g| + 1e-6) when that is < 1."""
+  tx = optim.build_optimizer(config(name='sgd', momentum=0.0, grad_clip_norm=1.0,
+                                    grad_clip_scope='per_parameter'),
+                             optax.constant_schedule(1.0))
+  g = grads()  # |kernel| = 2.25, |bias| = 2, |probe| = 0.85
+  updates, _ = tx.update(g, tx.init(params()), params())
+  for (module, name), norm in {('conv', 'kernel'): 2.25, ('conv', 'bias'): 2.0,
+                               ('online_probe', 'kernel'): 0.3 * np.sqrt(8)}.items():
+    raw = np.asarray(g[module][name])
+    np.testing.assert_allclose(np.linalg.norm(raw), norm, rtol=1e-3)
+    scale = min(1.0, 1.0 / (np.linalg.norm(raw) + 1e-6))
+    np.testing.assert_allclose(updates[module][name], -raw * scale, rtol=1e-5)
+  with pytest.raises(ValueError, match='grad_clip_scope'):
+    optim.build_optimizer(config(grad_clip_norm=1.0, grad_clip_scope='layer'),
+                          optax.constant_schedule(1.0))
+
+
+def frozen_params():
+  return {'mlp': {'kernel': jnp.full((3, 4), 0.5)},
+          'last_layer': {'kernel': jnp.full((4, 2), 0.2)}}
+
+
+def test_frozen_last_layer_gets_nothing_then_a_fresh_adam():
+  """cancel_gradients_last_layer: no update, no decay, and torch's per-tensor Adam step."""
+  lr = optax.linear_schedule(0.1, 0.2, 10)
+  wd = dict(weight_decay=0.04, weight_decay_end=0.4, weight_decay_steps=10)
+  tx = optim.build_optimizer(config(name='adamw', freeze_steps=3, **wd), lr)
+  reference = optim.build_optimizer(config(name='adamw', **wd), lr)  # Nothing frozen.
+  rng = np.random.default_rng(0)
+  p = q = frozen_params()
+  state, ref_state = tx.init(p), reference.init(q)
+  wd_schedule = optim.weight_decay_schedule(config(**wd))
+  fresh = optax.adamw(lambda c: lr(c + 3), weight_decay=lambda c: wd_schedule(c + 3),
+                      mask=optim.decay_mask)
+  fresh_state = fresh.init(p['last_layer'])
+  for step in range(6):
+    g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p)
+    updates, state = tx.update(g, state, p)
+    ref_updates, ref_state = reference.update(g, ref_state, q)
+    # The rest of the model trains exactly as without freezing.
+    np.testing.assert_allclose(updates['mlp']['kernel'], ref_updates['mlp']['kernel'], rtol=1e-5,
+                               atol=1e-8)
+    if step < 3:
+      np.testing.assert_array_equal(updates['last_layer']['kernel'], 0.0)
+    else:
+      # From step 3 on: a fresh AdamW on the last layer, at the global lr and wd.
+      want, fresh_state = fresh.update(g['last_layer'], fresh_state, p['last_layer'])
+      np.testing.assert_allclose(updates['last_layer']['kernel'], want['kernel'], rtol=1e-5)
+    p = optax.apply_updates(p, updates)
+    q = optax.apply_updates(q, ref_updates)
+  with pytest.raises(ValueError, match='adamw'):
+    optim.build_optimizer(config(name='lars', freeze_steps=3), lr)
+
+
+def test_decay_mask_exempts_biases_of_any_rank_norms_and_the_probe():
+  z = np.zeros
+  vit_like = {  # Shapes of ssl_jax.models.vit parameters.
+      'cls_token': z((1, 1, 8)),
+      'patch_embed': {'kernel': z((4, 4, 1, 8)), 'bias': z((8,))},
+      'attn': {'qkv': {'kernel': z((8, 3, 2, 4)), 'bias': z((3, 2, 4))},
+               'proj': {'kernel': z((2, 4, 8)), 'bias': z((8,))}},
+      'norm': {'scale': z((8,)), 'bias': z((8,))},
+      'online_probe': {'kernel': z((8, 10)), 'bias': z((10,))},
+  }
+  assert optim.decay_mask(vit_like) == {
+      'cls_token': True,  # (1, 1, D): decayed, as MAE pretraining does.
+      'patch_embed': {'kernel': True, 'bias': False},
+      'attn': {'qkv': {'kernel': True, 'bias': False},  # (3, heads, head_dim): still a bias.
+               'proj': {'kernel': True, 'bias': False}},
+      'norm': {'scale': False, 'bias': False},
+      'online_probe': {'kernel': False, 'bias': False},
+  }

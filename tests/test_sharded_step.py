@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import mae_vit, simclr_resnet
+from configs import dino_vit, mae_vit, simclr_resnet
 from ssl_jax import methods, sharding, train
 
 LR = 1e-2
@@ -33,7 +33,16 @@ def tiny_simclr():
   return config
 
 
-CONFIGS = {'mae': tiny_mae, 'simclr': tiny_simclr}
+def tiny_dino():
+  config = dino_vit.get_config('local')
+  config.model.update(dict(width=32, depth=2, num_heads=4, mlp_dim=64, out_dim=64,
+                           head_hidden_dim=32, head_bottleneck_dim=16))
+  config.augment.num_local_crops = 2
+  config.optim.freeze_steps = 0  # Freezing needs adamw; SGD keeps float noise small.
+  return config
+
+
+CONFIGS = {'mae': tiny_mae, 'simclr': tiny_simclr, 'dino': tiny_dino}
 
 
 def tiny_config(method: str, optimizer: str, mesh_shape: dict):
@@ -89,8 +98,9 @@ def one_device_run(method: str, optimizer: str):
     ('mae', 'sgd', dict(data=2, fsdp=2, tensor=2)),
     ('mae', 'adamw', dict(data=2, fsdp=4, tensor=1)),
     ('simclr', 'lars', dict(data=4, fsdp=2, tensor=1)),  # Batch (and BN) over all 8.
+    ('dino', 'sgd', dict(data=2, fsdp=2, tensor=2)),  # Center, teacher EMA, out_dim split.
 ], ids=['mae-sgd-data8', 'mae-sgd-fsdp8', 'mae-sgd-data2-fsdp2-tensor2', 'mae-adamw-data2-fsdp4',
-        'simclr-lars-data4-fsdp2'])
+        'simclr-lars-data4-fsdp2', 'dino-sgd-data2-fsdp2-tensor2'])
 def test_eight_devices_match_one(method, optimizer, mesh_shape):
   losses_1, variables_1, _ = one_device_run(method, optimizer)
   config = tiny_config(method, optimizer, mesh_shape)
@@ -106,6 +116,10 @@ def test_eight_devices_match_one(method, optimizer, mesh_shape):
   if method == 'simclr':  # BatchNorm statistics were updated, identically on 8 devices.
     stats = variables_8['model_state']['encoder']['stem_bn']['mean']
     assert np.abs(stats).max() > 0
+  elif method == 'dino':  # The center moved (global batch mean), identically on 8 devices.
+    assert np.abs(variables_8['model_state']['center']).max() > 0
+    last_layer = shard_shapes_8['student']['head']['last_layer']['kernel']
+    assert last_layer == (16 // mesh_shape['fsdp'], 64 // mesh_shape['tensor'])
   else:  # The parameters really were sharded the way the mesh asks.
     kernel_shard = shard_shapes_8['encoder']['encoder']['blocks'][0]['mlp']['fc1']['kernel']
     assert kernel_shard == (32 // mesh_shape['fsdp'], 64 // mesh_shape['tensor'])

@@ -395,25 +395,17 @@ def dino_multi_crop(key: jax.Array, images: jax.Array, *, global_size: int, loca
   Args:
     key: PRNG key of this batch's views.
     images: uint8 (or [0, 1] float) images, (B, H, W, C).
-    global_size: side of the global crops (224).
-    local_size: side of the local crops (96).
-    num_local_crops: number of local crops n (10); 0 gives a (0, B, L, L, C) array.
-    global_crop_scale: area fraction of the global crops.
-    local_crop_scale: area fraction of the local crops.
-    crop_ratio: aspect-ratio range of all crops.
-    interpolation: 'bicubic' (DINO) or 'bilinear'.
-    flip_prob: probability of a horizontal flip.
-    brightness: colour-jitter strengths (torchvision ColorJitter).
-    contrast: see brightness.
-    saturation: see brightness.
-    hue: see brightness.
-    jitter_prob: probability of applying the colour jitter.
-    grayscale_prob: probability of converting to grayscale.
+    global_size: side G of the global crops (224); `local_size` L of the local ones (96).
+    local_size: see global_size.
+    num_local_crops: n (10); 0 gives a (0, B, L, L, C) array.
+    global_crop_scale: area fractions of the global crops; `local_crop_scale` of the local.
+    local_crop_scale: see global_crop_scale.
+    crop_ratio, interpolation, flip_prob, brightness, contrast, saturation, hue,
+      jitter_prob, grayscale_prob, blur_sigma (PIL's radius, in output pixels),
+      blur_kernel_size: as `view`, for every crop.
     global_blur_probs: blur probabilities of the first and second global crop.
     global_solarize_probs: solarization probabilities of the two global crops.
     local_blur_prob: blur probability of every local crop.
-    blur_sigma: range of the Gaussian blur's sigma, in output pixels (PIL's radius).
-    blur_kernel_size: taps of the blur kernel; None: 10% of the crop side.
 
   Returns:
     (global views (2, B, G, G, C), local views (n, B, L, L, C)), float32 in [0, 1].

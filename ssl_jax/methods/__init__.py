@@ -11,6 +11,7 @@ from ssl_jax.methods.base import Method
 METHODS = {
     'mae': ('ssl_jax.methods.mae', 'MAE'),
     'simclr': ('ssl_jax.methods.simclr', 'SimCLR'),
+    'dino': ('ssl_jax.methods.dino', 'DINO'),
 }
 
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssl_jax.models.vit import partitioned
+from ssl_jax.models.vit import partitioned, torch_trunc_normal
 
 
 def batch_norm(features: int, *, use_bias: bool = True, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -67,3 +67,76 @@ def probe_loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.A
   count = jnp.maximum(valid.sum(), 1.0)
   accuracy = ((logits.argmax(-1) == labels) * valid).sum() / count
   return (per_example * valid).sum() / count, accuracy
+
+
+class WeightNormLinear(nnx.Module):
+  """Bias-free linear layer with weight normalisation (Salimans & Kingma 2016).
+
+  torch.nn.utils.weight_norm(Linear(in, out, bias=False)) as DINO's head uses
+  it: w = g * v / |v|, each output unit's weight vector normalised over the
+  inputs. With `norm_fixed` (DINO's norm_last_layer=True) g is the constant 1,
+  not a parameter: each output is a cosine similarity of the input with v.
+  Otherwise g is a parameter of shape (1, out) that starts at 1 (torch's
+  weight_g is (out, 1), also 2-D, so weight decay treats it alike). v starts
+  from torch's default Linear init, U(-1/sqrt(in), 1/sqrt(in)): DINOHead
+  creates the last layer after applying its trunc-normal init to the MLP.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, norm_fixed: bool = True,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    bound = in_features ** -0.5
+
+    def symmetric_uniform(key, shape, dtype=jnp.float32):
+      return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    self.kernel = nnx.Param(partitioned(symmetric_uniform, 'embed', 'vocab')(
+        rngs.params(), (in_features, out_features)))
+    self.scale = None if norm_fixed else nnx.Param(
+        partitioned(nnx.initializers.ones, None, 'vocab')(rngs.params(), (1, out_features)))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """(B, in) -> (B, out) in float32."""
+    v = self.kernel[...].astype(jnp.float32)
+    weight = v / jnp.linalg.norm(v, axis=0, keepdims=True)  # (in, out), unit columns
+    if self.scale is not None:
+      weight = weight * self.scale[...]
+    return (x.astype(self.dtype) @ weight.astype(self.dtype)).astype(jnp.float32)
+
+
+class DINOHead(nnx.Module):
+  """DINO's projection head (vision_transformer.py, DINOHead).
+
+  `num_layers` linears (hidden width `hidden_dim`, GELU after each but the
+  last, optional BatchNorm before the GELU) down to `bottleneck_dim`, an L2
+  normalisation, then the weight-normalised `last_layer` to `out_dim`
+  logits. The MLP's kernels start from a truncated normal with std 0.02 and
+  its biases at 0, as DINOHead._init_weights (torch's bounds: `torch_trunc_normal`).
+  """
+
+  def __init__(self, in_features: int, out_dim: int, *, hidden_dim: int = 2048,
+               bottleneck_dim: int = 256, num_layers: int = 3, use_bn: bool = False,
+               norm_last_layer: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+    num_layers = max(num_layers, 1)
+    dims = [in_features] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+    self.linears = nnx.List([
+        nnx.Linear(d_in, d_out, dtype=dtype, rngs=rngs,
+                   kernel_init=partitioned(torch_trunc_normal(0.02), 'embed', 'mlp'),
+                   bias_init=partitioned(nnx.initializers.zeros, 'mlp'))
+        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True)])
+    self.norms = nnx.List([batch_norm(hidden_dim, rngs=rngs) for _ in range(num_layers - 1)]
+                          if use_bn else [])
+    self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, norm_fixed=norm_last_layer,
+                                       dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool = True) -> jax.Array:
+    """(B, in_features) -> (B, out_dim) float32 logits."""
+    for i, linear in enumerate(self.linears):
+      x = linear(x)
+      if i < len(self.linears) - 1:
+        if self.norms:
+          x = self.norms[i](x, use_running_average=not train)
+        x = jax.nn.gelu(x, approximate=False)
+    x = x.astype(jnp.float32)
+    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
+    return self.last_layer(x)

@@ -3,7 +3,8 @@
 Layout and initialisation follow the MAE reference code (timm `Block`, fused
 qkv with bias, pre-LayerNorm with eps 1e-6, exact GELU, xavier-uniform
 linears, 2-D sin-cos position embeddings), so weights map one-to-one onto
-PyTorch MAE checkpoints. Every parameter carries logical axis names
+PyTorch MAE checkpoints. DINO's learned position embedding, interpolated
+for small crops, is an option (`posemb='learned'`). Every parameter carries logical axis names
 (`embed`, `mlp`, `heads`, `kv`) that `ssl_jax.sharding` maps onto the mesh.
 """
 
@@ -24,6 +25,16 @@ def xavier_uniform(in_axis=-2, out_axis=-1):
   """Xavier-uniform initialiser with explicit fan-in / fan-out axes."""
   return jax.nn.initializers.variance_scaling(
       1.0, 'fan_avg', 'uniform', in_axis=in_axis, out_axis=out_axis)
+
+
+def torch_trunc_normal(std: float = 0.02):
+  """torch.nn.init.trunc_normal_(std=std) as DINO and timm call it.
+
+  torch truncates at a = -2, b = 2 in absolute units, i.e. at +-100 std for
+  std 0.02: in effect a plain normal. jax's default cuts at +-2 std (and the
+  std shrinks to 0.88 std), so the bounds are given explicitly.
+  """
+  return jax.nn.initializers.truncated_normal(std, lower=-2.0 / std, upper=2.0 / std)
 
 
 def partitioned(init, *names):
@@ -51,6 +62,57 @@ def posemb_sincos_2d(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
                            np.arange(grid_h, dtype=np.float32))
   emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
   return emb.astype(np.float32)
+
+
+def bicubic_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
+  """(out_size, in_size) weights of torch's bicubic resampling with scale factor `scale`.
+
+  torch.nn.functional.interpolate(mode='bicubic', align_corners=False) with
+  an explicit `scale_factor`: output pixel i reads source position
+  (i + 0.5) / scale - 0.5 with Keys' cubic kernel, a = -0.75, and indices
+  clamped to the border (torch's upsample_bicubic2d); no antialiasing.
+  """
+  a = -0.75
+
+  def kernel(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+  matrix = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    source = (i + 0.5) / scale - 0.5
+    first = int(np.floor(source))
+    for tap in range(first - 1, first + 3):
+      matrix[i, min(max(tap, 0), in_size - 1)] += kernel(source - tap)
+  return matrix
+
+
+def interpolate_posemb(posemb: jax.Array, grid_h: int, grid_w: int) -> jax.Array:
+  """(1, 1+N, D) learned [CLS]+square-grid positions -> (1, 1+grid_h*grid_w, D).
+
+  DINO's `VisionTransformer.interpolate_pos_encoding` (vision_transformer.py):
+  the patch positions, a sqrt(N) x sqrt(N) grid, are resampled bicubically
+  to the crop's grid with scale factor (grid + 0.1) / sqrt(N) (the +0.1 is
+  DINO's guard against flooring, see facebookresearch/dino issue 8; it also
+  sets torch's sampling positions, so we use it too), and the [CLS]
+  position is kept. The same grid returns `posemb` itself.
+  """
+  num_patches = posemb.shape[1] - 1
+  side = int(round(num_patches ** 0.5))
+  if side * side != num_patches:
+    raise ValueError(f'interpolate_posemb: {num_patches} patch positions are not a square grid')
+  if (grid_h, grid_w) == (side, side):
+    return posemb
+  rows = bicubic_matrix(side, grid_h, (grid_h + 0.1) / side)  # (grid_h, side)
+  cols = bicubic_matrix(side, grid_w, (grid_w + 0.1) / side)  # (grid_w, side)
+  patches = posemb[0, 1:].astype(jnp.float32).reshape(side, side, -1)
+  resized = jnp.einsum('ih,jw,hwd->ijd', jnp.asarray(rows, jnp.float32),
+                       jnp.asarray(cols, jnp.float32), patches,
+                       precision=jax.lax.Precision.HIGHEST)  # (grid_h, grid_w, D)
+  resized = resized.reshape(1, grid_h * grid_w, -1).astype(posemb.dtype)
+  return jnp.concatenate([posemb[:, :1], resized], axis=1)
 
 
 class Attention(nnx.Module):
@@ -147,14 +209,27 @@ class Transformer(nnx.Module):
 
 
 class ViT(nnx.Module):
-  """ViT encoder: conv patch embedding, [CLS] token, fixed sin-cos positions."""
+  """ViT encoder: conv patch embedding, [CLS] token, position embeddings.
+
+  `posemb='sincos'` (MAE): fixed 2-D sin-cos positions for any grid, none on
+  [CLS]. `posemb='learned'` (DINO, timm): a (1, 1+L, D) parameter for the
+  [CLS] token and the patch grid of `image_size`, trunc-normal(0.02) at init
+  and bicubically interpolated for other crop sizes (DINO's local crops).
+  """
 
   def __init__(self, *, patch_size: int, channels: int, width: int, depth: int,
                num_heads: int, mlp_dim: int, dtype: Dtype = jnp.float32,
-               remat: bool = False, rngs: nnx.Rngs):
+               remat: bool = False, posemb: str = 'sincos', image_size: int | None = None,
+               rngs: nnx.Rngs):
+    if posemb not in ('sincos', 'learned'):
+      raise ConfigError(f"ViT posemb={posemb!r}: expected 'sincos' or 'learned'")
+    if posemb == 'learned' and (image_size is None or image_size % patch_size):
+      raise ConfigError(f'A learned position embedding needs an image_size divisible by the '
+                        f'patch size {patch_size}, got {image_size}')
     self.patch_size = patch_size
     self.width = width
     self.dtype = dtype
+    self.posemb = posemb
     # Conv with kernel = stride = patch; MAE inits it as a Linear on the
     # flattened (p*p*C) patch, hence the explicit fan axes.
     self.patch_embed = nnx.Conv(
@@ -165,6 +240,11 @@ class ViT(nnx.Module):
     self.cls_token = nnx.Param(
         partitioned(nnx.initializers.normal(0.02), None, None, 'embed')(
             rngs.params(), (1, 1, width)))
+    if posemb == 'learned':
+      num_patches = (image_size // patch_size) ** 2
+      self.pos_embed = nnx.Param(
+          partitioned(torch_trunc_normal(0.02), None, None, 'embed')(
+              rngs.params(), (1, 1 + num_patches, width)))
     self.encoder = Transformer(width, depth, num_heads, mlp_dim, dtype=dtype,
                                remat=remat, rngs=rngs)
 
@@ -172,19 +252,24 @@ class ViT(nnx.Module):
     """(B, H, W, C) float images -> (B, L, D) patch embeddings + positions."""
     x = self.patch_embed(images.astype(self.dtype))  # (B, h, w, D)
     batch, grid_h, grid_w, width = x.shape
-    pos = posemb_sincos_2d(grid_h, grid_w, width)
+    if self.posemb == 'learned':
+      pos = interpolate_posemb(self.pos_embed[...], grid_h, grid_w)[0, 1:]  # (L, D)
+    else:
+      pos = posemb_sincos_2d(grid_h, grid_w, width)
     return x.reshape(batch, grid_h * grid_w, width) + jnp.asarray(pos, x.dtype)
 
   def encode(self, tokens: jax.Array) -> dict[str, jax.Array]:
-    """Prepend [CLS] (position 0 embedding is zero) and run the blocks.
+    """Prepend [CLS] (plus its learned position, if any; sin-cos: none) and run the blocks.
 
     Returns a dict of intermediates (big_vision style) so probes and
     visualisations need no hooks: `tokens` (B, 1+L, D) after the final norm,
     `cls` (B, D), `patch_mean` (B, D) the mean of the patch tokens, and
     `attention` (B, heads, 1+L, 1+L) of the last block.
     """
-    cls = jnp.broadcast_to(self.cls_token[...].astype(tokens.dtype),
-                           (tokens.shape[0], 1, tokens.shape[-1]))
+    cls = self.cls_token[...]
+    if self.posemb == 'learned':
+      cls = cls + self.pos_embed[:, :1]
+    cls = jnp.broadcast_to(cls.astype(tokens.dtype), (tokens.shape[0], 1, tokens.shape[-1]))
     x = jnp.concatenate([cls, tokens], axis=1)
     x, attention = self.encoder(x)
     return {'tokens': x, 'cls': x[:, 0], 'patch_mean': x[:, 1:].mean(axis=1),
