@@ -38,7 +38,7 @@ def run_two_processes(workdir) -> list[str]:
           cwd=runner.REPO, env=runner.child_env(devices=1), stdout=subprocess.PIPE,
           stderr=subprocess.STDOUT, text=True)
       for i in range(2)]
-  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  outputs = [p.communicate(timeout=900)[0] for p in processes]
   for p, out in zip(processes, outputs, strict=True):
     assert p.returncode == 0, out
   return outputs
