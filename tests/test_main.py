@@ -46,7 +46,10 @@ def test_mae_local_config_learns(tmp_path):
   """The :local job exactly as the README runs it (about 2.5 minutes on 2 cores)."""
   start = time.time()
   result = runner.run_main(tmp_path, fast_compile=False)
-  final = check_local_run(tmp_path, result, 1000, loss_drop=1.0)  # About 1.9 -> 0.42.
+  # About 1.9 -> 0.42. kNN: ~0.90-0.92 vs 0.69 at random init. The linear probe
+  # (0.96-0.97) barely beats random init's 0.953 on these easy digits, too
+  # little to assert a margin on; the log reports both.
+  final = check_local_run(tmp_path, result, 1000, loss_drop=1.0, probes=('knn_top1',))
   print(f'\nMAE :local wall time {time.time() - start:.0f} s; {final}')
 
 
