@@ -71,6 +71,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       checkpoint_every=2000,
       eval_every=5000,             # kNN + pictures every N steps (0: only at the end).
       keep_checkpoints=3,
+      init_from=placeholder(str),  # A workdir or export/ whose weights start a fresh run.
   ))
   config.train.epochs = 800.0
 

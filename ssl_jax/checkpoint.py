@@ -141,8 +141,111 @@ def load_encoder(directory: epath.PathLike, mesh: jax.sharding.Mesh | None = Non
     graphdef, abstract_state = nnx.split(abstract)
     target = abstract_with_shardings(abstract_state,
                                      sharding.state_shardings(abstract_state, mesh))
-    checkpointer = ocp.StandardCheckpointer()
-    state = checkpointer.restore(directory / 'encoder', target)
-    checkpointer.close()
+    state = restore_export(directory, target)
   logging.info('Loaded %s encoder from %s', config.method, directory)
   return nnx.merge(graphdef, state), method
+
+
+# ------------------------------------------------------------------------------
+# Weights of another run: `train.init_from`, the sampler.
+# ------------------------------------------------------------------------------
+def latest_saved_step(workdir: epath.PathLike) -> int | None:
+  """The newest complete checkpoint step in `workdir/checkpoints`, or None.
+
+  Orbax writes a step under a temporary name and renames it when complete,
+  so every all-digit directory name is a complete checkpoint.
+  """
+  directory = epath.Path(workdir) / 'checkpoints'
+  if not directory.is_dir():
+    return None
+  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+  return max(steps, default=None)
+
+
+def _abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings, when known) of a tree of arrays or structs."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
+      tree)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'blocks/0/attn/qkv/kernel': shape} of a tree of arrays or Orbax array metadata."""
+  def name(path) -> str:
+    keys = [str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path]
+    return '/'.join(k for k in keys if k != 'value')  # nnx.Variable's leaf is `.value`.
+  return {name(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_same_shapes(saved: Any, target: Any, source: epath.Path) -> None:
+  """CheckpointError listing what differs between saved weights and the model's."""
+  saved, target = _shapes(saved), _shapes(target)
+  problems = [f'{k}: saved {saved[k]}, this model {target[k]}'
+              for k in sorted(saved.keys() & target.keys()) if saved[k] != target[k]]
+  problems += [f'{k}: not in {source}' for k in sorted(target.keys() - saved.keys())]
+  if problems:
+    raise CheckpointError(
+        f'The weights in {source} do not fit this model ({len(problems)} mismatches): '
+        + '; '.join(problems[:5]) + ('; ...' if len(problems) > 5 else '')
+        + '. The model config (sizes, vocabulary) must match the run that saved them.')
+
+
+def restore_params(workdir: epath.PathLike, params: Any) -> tuple[Any, int]:
+  """The `params` of the newest train-state checkpoint in `workdir`, and its step.
+
+  `params` (arrays or ShapeDtypeStructs) gives the tree, shapes and
+  shardings; the optimizer state on disk is not read.
+  """
+  step = latest_saved_step(workdir)
+  if step is None:
+    raise CheckpointError(f'No checkpoint in {epath.Path(workdir) / "checkpoints"}.')
+  path = epath.Path(workdir) / 'checkpoints' / str(step) / 'state'
+  checkpointer = ocp.PyTreeCheckpointer()
+  verbosity = logging.get_verbosity()
+  # Read alone, the item makes Orbax warn that the step's metadata file (one level up) is missing.
+  logging.set_verbosity(logging.ERROR)
+  try:
+    saved = checkpointer.metadata(path).item_metadata
+    if 'params' not in saved:
+      raise CheckpointError(f'{path} holds no params (keys {sorted(saved.keys())}).')
+    _check_same_shapes(saved['params'], params, path)
+    target = {'params': _abstract(params)}
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  finally:
+    logging.set_verbosity(verbosity)
+    checkpointer.close()
+  return restored['params'], step
+
+
+def restore_export(directory: epath.PathLike, state: Any) -> Any:
+  """The variables exported under `directory/encoder`, shaped and sharded like `state`."""
+  path = epath.Path(directory) / 'encoder'
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    _check_same_shapes(checkpointer.metadata(path).item_metadata, state, path)
+    return checkpointer.restore(path, _abstract(state))
+  finally:
+    checkpointer.close()
+
+
+def load_weights(source: epath.PathLike, model: nnx.Module, encoder: nnx.Module) -> str:
+  """Overwrites weights in place from another run; returns what was loaded, for the log.
+
+  `source` is a workdir (the params of its newest checkpoint go into the
+  whole `model`) or an export directory (its variables go into `encoder`,
+  the part of `model` that the method exports). Every other variable keeps
+  its value.
+  """
+  source = epath.Path(source)
+  if (source / 'checkpoints').is_dir():
+    params, step = restore_params(source, nnx.state(model, nnx.Param))
+    nnx.update(model, params)
+    return f'the params of {source / "checkpoints" / str(step)}'
+  if (source / 'encoder').is_dir():
+    nnx.update(encoder, restore_export(source, nnx.state(encoder)))
+    return f'the exported encoder in {source / "encoder"}'
+  raise CheckpointError(f'{source} is neither a workdir (with checkpoints/) nor an export '
+                        '(with encoder/): nothing to initialise from.')

@@ -40,17 +40,20 @@ TrainState = dict[str, Any]
 # ------------------------------------------------------------------------------
 # Setup.
 # ------------------------------------------------------------------------------
-def resolve_config(config: ml_collections.ConfigDict,
-                   num_train_examples: int) -> ml_collections.ConfigDict:
+def resolve_config(config: ml_collections.ConfigDict, num_train_examples: int,
+                   data_updates: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
   """Fills in what depends on the data: steps from epochs, warmup, peak lr.
 
   `train.steps`, when set, wins over `train.epochs` (and `optim.warmup_steps`
-  over `optim.warmup_epochs`). The result is what `config.json` records.
+  over `optim.warmup_epochs`). `data_updates` (dotted key -> value) are the
+  values the data decides (`TrainData.config_updates`). The result is what
+  `config.json` records.
   """
   config = copy.deepcopy(config)
   batch_size = config.data.batch_size
   steps_per_epoch = max(num_train_examples // batch_size, 1)
   with config.unlocked():
+    config.update_from_flattened_dict(data_updates or {})
     config.train.steps_per_epoch = steps_per_epoch
     if config.train.steps is None:
       if config.train.epochs is None:
@@ -216,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # The data decides the epoch length, which the resolved config (and so the
   # method built from it) depends on.
   train_data = methods.create(config).train_data(workdir)
-  config = resolve_config(config, train_data.num_examples)
+  config = resolve_config(config, train_data.num_examples, train_data.config_updates)
   method = methods.create(config)
   schedule, tx = build_optimizer(config)
   log_line(f'{config.method}: {config.train.steps} steps of batch {config.data.batch_size} '
@@ -249,19 +252,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def restore_or_init(job: Job, tx: optax.GradientTransformation, shardings: Any) -> TrainState:
-  """The newest checkpoint if there is one (data position too), else a fresh state."""
+  """The newest checkpoint if there is one (data position too), else a fresh state.
+
+  A fresh state takes its weights from `train.init_from` when that is set
+  (e.g. BERT's 512-token phase starts from the 128-token run).
+  """
   config, checkpointer = job.config, job.checkpointer
   latest = checkpointer.latest_step()
   if latest is None:
     log_line(f'No checkpoint in {checkpointer.directory}: starting from step 0.')
     job.writer.truncate(0)
-    return init_train_state(job.method, tx, shardings, config.seed)
+    state = init_train_state(job.method, tx, shardings, config.seed)
+    if config.train.get('init_from'):
+      state = initialised_from(job, state, config.train.init_from)
+    return state
   abstract = jax.eval_shape(lambda: init_train_state(job.method, tx, shardings, config.seed))
   target = checkpoint.abstract_with_shardings(abstract, shardings)
   state = checkpointer.restore(latest, target, job.data_iter)
   job.writer.truncate(latest)  # Later lines are work the resumed run redoes.
   log_line(f'Resumed from {checkpointer.directory / str(latest)} at step {latest}.')
   return state
+
+
+def initialised_from(job: Job, state: TrainState, source: str) -> TrainState:
+  """`state` with the weights of another run's workdir or export (see checkpoint.load_weights).
+
+  Step, optimizer state and data position stay fresh: this starts a new run.
+  """
+  model = job.evaluator.model(state)
+  loaded = checkpoint.load_weights(source, model, job.method.encoder(model))
+  _, params, model_state = nnx.split(model, nnx.Param, ...)
+  log_line(f'Initialised the weights from {loaded} (train.init_from).')
+  return {**state, 'params': params, 'model_state': model_state}
 
 
 def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:

@@ -28,6 +28,9 @@ class TrainData:
   dataset: Any  # A grain dataset of this process's batches (its iterator is checkpointed).
   num_examples: int  # Examples in one epoch (steps per epoch = num_examples // batch).
   description: str  # One line for the start-up log.
+  # Config values the data decides, by dotted key (e.g. {'model.vocab_size': 4096} from the
+  # tokenizer); the trainer sets them before anything is built, and config.json records them.
+  config_updates: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Method(abc.ABC):
