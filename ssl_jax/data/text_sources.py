@@ -113,6 +113,9 @@ def _open_tfds_text(rest: str, spec: str, tfds_dir: str | None):
   # Imported here: only this source needs it (~0.4 s).
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  # Registers the text builders that tfds.builder does not find by itself (c4, wikipedia).
+  import tensorflow_datasets.text  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+
   data_dir = tfds_dir or tfds.core.constants.get_default_data_dir()
   hint = (f'To prepare it: `pip install tensorflow` and `tfds build {name} --data_dir='
           f'{data_dir} --file_format=array_record`. Or use a text file: '

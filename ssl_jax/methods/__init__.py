@@ -12,6 +12,8 @@ METHODS = {
     'mae': ('ssl_jax.methods.mae', 'MAE'),
     'simclr': ('ssl_jax.methods.simclr', 'SimCLR'),
     'dino': ('ssl_jax.methods.dino', 'DINO'),
+    'bert': ('ssl_jax.methods.bert', 'BERT'),
+    'gpt': ('ssl_jax.methods.gpt', 'GPT'),
 }
 
 

@@ -1,0 +1,39 @@
+"""GPT next-token prediction (Radford et al. 2019, GPT-2), as nanoGPT trains it.
+
+A causal, pre-LN transformer reads a window of T tokens and predicts, at
+every position t, token t+1: the loss is the mean cross-entropy over the
+window's next-token pairs (`losses.next_token_loss`), padding excluded.
+Windows are packed from the token stream with <|endoftext|> between
+documents (`ssl_jax/data/text.py`); dropout (0 in the GPT-2 reproduction,
+0.2 in nanoGPT's character-level run) uses the step's key.
+Sampling from a trained run: `python -m ssl_jax.sample --workdir=DIR`.
+"""
+
+import jax
+
+from ssl_jax import losses
+from ssl_jax.methods.base import Batch, Metrics
+from ssl_jax.methods.language import LanguageModelMethod
+from ssl_jax.models import transformer
+from ssl_jax.models.transformer import TransformerLM
+
+
+class GPT(LanguageModelMethod):
+  """The GPT method: a causal language model on packed token windows."""
+
+  objective = 'causal_lm'
+  architecture = staticmethod(transformer.gpt2_config)
+
+  def loss_fn(self, model: TransformerLM, batch: Batch, rng: jax.Array,
+              step: jax.Array) -> tuple[jax.Array, Metrics]:
+    """Mean next-token cross-entropy (nats) over the batch's counted targets."""
+    del step
+    logits = model(batch['tokens'], dropout_rng=self.dropout_rng(rng))['logits']  # (B, T, V)
+    return losses.next_token_loss(logits, batch['tokens'], batch['weights']), {}
+
+  def eval_step(self, model: TransformerLM, batch: Batch) -> dict[str, tuple]:
+    """{'loss': (summed next-token cross-entropy, number of targets)}, without dropout."""
+    logits = model(batch['tokens'])['logits']
+    count = batch['weights'][:, 1:].sum()  # weights[:, 0] is never a target.
+    return {'loss': (losses.next_token_loss(logits, batch['tokens'], batch['weights']) * count,
+                     count)}

@@ -1,0 +1,155 @@
+"""What the two language methods (gpt.py, bert.py) share: text data, the transformer, FLOPs.
+
+The train stream and held-out batches are the text pipeline's
+(`ssl_jax/data/text.py`); the model is a `TransformerLM` built from
+`config.model`. Its vocabulary is the tokenizer's, which exists only once
+`train_data` has trained or loaded it: `train_data` hands the size to the
+trainer as `model.vocab_size` (unless the config sets it, e.g. nanoGPT's
+50304, a multiple of 64 above GPT-2's 50257), so config.json records it and
+`build` never needs the data. The whole language model is the exported
+"encoder": the sampler and a downstream fine-tune want its head too.
+
+Config keys read from `config.model`: vocab_size (None: the tokenizer's),
+max_len, width, depth, num_heads, mlp_dim, dropout_rate, dtype, remat.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from ssl_jax.data import text, text_sources
+from ssl_jax.data.pipeline import EvalBatches
+from ssl_jax.errors import ConfigError
+from ssl_jax.methods.base import Method, TrainData
+from ssl_jax.models import transformer
+from ssl_jax.models.transformer import TransformerConfig, TransformerLM
+
+
+class LanguageModelMethod(Method):
+  """Base of GPT and BERT: subclasses set `objective` and `architecture`, and the loss."""
+
+  throughput_unit = 'tokens'
+  objective = ''  # config.data.objective this method trains: 'causal_lm' or 'masked_lm'.
+  architecture = staticmethod(transformer.gpt2_config)  # -> the paper's TransformerConfig.
+
+  # ----------------------------------------------------------------------------
+  # Data.
+  # ----------------------------------------------------------------------------
+  def _check_config(self) -> None:
+    """ConfigError unless the data and model configs fit this method and each other."""
+    data, model = self.config.data, self.config.model
+    if data.objective != self.objective:
+      raise ConfigError(f'config.data.objective={data.objective!r}, but method '
+                        f'{self.config.method!r} trains {self.objective!r}')
+    if data.seq_len > model.max_len:
+      raise ConfigError(f'config.data.seq_len={data.seq_len} exceeds config.model.max_len='
+                        f'{model.max_len}, the positions the model has')
+
+  def corpus(self, workdir: epath.PathLike) -> text_sources.TokenizedText:
+    """Both tokenised splits and the tokenizer (memoised: cheap after `train_data`)."""
+    return text_sources.tokenized_text(self.config.data, str(workdir))
+
+  def train_data(self, workdir: epath.Path) -> TrainData:
+    """Packed token windows (tokenizer trained or loaded and saved in the workdir)."""
+    self._check_config()
+    dataset, num_windows, summary = text.train_dataset(
+        self.config.data, seed=self.config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), workdir=str(workdir))
+    corpus = self.corpus(workdir)
+    vocab_size, model_vocab = corpus.tokenizer.vocab_size, self.config.model.vocab_size
+    if model_vocab is not None and model_vocab < vocab_size:
+      raise ConfigError(f'config.model.vocab_size={model_vocab} is smaller than the '
+                        f'tokenizer\'s {vocab_size} ids; leave it unset to use the tokenizer\'s')
+    updates = {'model.vocab_size': vocab_size} if model_vocab is None else {}
+    return TrainData(dataset, num_windows, summary + self.baseline(corpus), updates)
+
+  def baseline(self, corpus: text_sources.TokenizedText) -> str:
+    """Extra words for the start-up log: what a model that learns nothing scores."""
+    del corpus
+    return ''
+
+  def eval_batches(self, workdir: epath.Path) -> EvalBatches:
+    """Every validation window once, in order, padded (padding weighs 0)."""
+    return text.eval_batches(self.config.data, batch_size=self.config.eval.batch_size,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count(), workdir=str(workdir))
+
+  def examples_to_units(self, batch_size: int) -> int:
+    """Tokens in a batch of `batch_size` windows."""
+    return batch_size * self.config.data.seq_len
+
+  # ----------------------------------------------------------------------------
+  # Model.
+  # ----------------------------------------------------------------------------
+  def transformer_config(self) -> TransformerConfig:
+    """The architecture: the paper's (`architecture`) with the sizes of `config.model`."""
+    m = self.config.model
+    if m.vocab_size is None:
+      raise ConfigError('config.model.vocab_size is unset: it is the tokenizer\'s, which '
+                        '`train_data` reports to the trainer (or set it explicitly)')
+    return self.architecture(
+        vocab_size=m.vocab_size, max_len=m.max_len, width=m.width, depth=m.depth,
+        num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate,
+        dtype=jnp.dtype(m.dtype), remat=m.remat)
+
+  def build(self, rngs: nnx.Rngs) -> TransformerLM:
+    """The language model of `config.model`."""
+    return TransformerLM(self.transformer_config(), rngs=rngs)
+
+  def encoder(self, model: TransformerLM) -> TransformerLM:
+    """The whole language model, head included."""
+    return model
+
+  def build_encoder(self, rngs: nnx.Rngs) -> TransformerLM:
+    """A freshly initialised language model of the exported shape."""
+    return self.build(rngs)
+
+  def dropout_rng(self, rng: jax.Array) -> jax.Array | None:
+    """The step's key when the config asks for dropout, else None (deterministic)."""
+    return rng if self.config.model.dropout_rate > 0 else None
+
+  # ----------------------------------------------------------------------------
+  # FLOPs for MFU.
+  # ----------------------------------------------------------------------------
+  def predicted_positions(self) -> int:
+    """Positions per window at which the output head runs."""
+    return self.config.data.seq_len
+
+  def matmul_params(self) -> tuple[int, int]:
+    """(body, head): the parameters each token multiplies, and those of the output head.
+
+    Position and token-type embeddings are lookups and not counted; the tied
+    token embedding is counted once, as the output layer (nanoGPT's N).
+    """
+    c = self.transformer_config()
+    d, m, v = c.width, c.mlp_dim, c.vocab_size
+    block = 4 * d * d + 2 * d * m + 9 * d + m  # qkv, proj, MLP with biases; two LayerNorms.
+    body = c.depth * block + 2 * d  # + GPT's final / BERT's embedding LayerNorm.
+    head = v * d + (d * d + 3 * d + v if c.head == 'mlm' else 0)  # + BERT's transform, bias.
+    return body, head
+
+  def train_flops_per_example(self) -> float:
+    """6 N T + 12 depth T^2 width per window, as nanoGPT's estimate_mfu and PaLM count.
+
+    The head's share of N runs only at `predicted_positions`.
+    """
+    body, head = self.matmul_params()
+    c, seq_len = self.config.model, self.config.data.seq_len
+    matmuls = 6 * (body * seq_len + head * self.predicted_positions())
+    return float(matmuls + 12 * c.depth * seq_len ** 2 * c.width)
+
+
+def token_accuracy(logits: jax.Array, labels: jax.Array,
+                   weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum of weights where argmax(logits) == label, sum of weights)."""
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(correct * weights), jnp.sum(weights)
+
+
+def most_frequent_share(tokens: np.ndarray, special_ids: tuple[int, ...]) -> float:
+  """Accuracy of always predicting the most frequent ordinary token of `tokens`."""
+  ordinary = tokens[~np.isin(tokens, special_ids)]
+  return float(np.bincount(ordinary).max() / max(len(ordinary), 1)) if len(ordinary) else 0.0

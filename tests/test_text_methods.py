@@ -1,0 +1,218 @@
+"""GPT and BERT as methods: sharded train step, held-out sums, vocabulary, FLOPs, init_from."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from configs import bert_mlm, gpt
+from ssl_jax import checkpoint, methods, sharding, train
+from ssl_jax.errors import CheckpointError, ConfigError
+from ssl_jax.models.transformer import count_params
+
+VOCAB, LENGTH, BATCH, LR = 64, 16, 16, 1e-2
+CONFIGS = {'gpt': gpt.get_config, 'bert': bert_mlm.get_config}
+
+
+def tiny_config(kind: str, mesh_shape=None, **model):
+  """The :local recipe shrunk: 2 blocks of width 32 with 8 heads (tensor=2 splits them)."""
+  config = CONFIGS[kind]('local')
+  config.data.update(dict(batch_size=BATCH, seq_len=LENGTH))
+  config.model.update(dict(vocab_size=VOCAB, max_len=LENGTH, width=32, depth=2, num_heads=8,
+                           mlp_dim=64))
+  config.model.update(model)
+  config.optim.update(dict(schedule='constant', lr=LR))
+  config.mesh.update(mesh_shape or dict(data=1, fsdp=1, tensor=1))
+  return train.resolve_config(config, num_train_examples=1000)
+
+
+def random_batch(kind: str, seed: int) -> dict[str, np.ndarray]:
+  """A batch as the text pipeline makes it, with padding at the end of some windows."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, VOCAB, (BATCH, LENGTH)).astype(np.int32)
+  lengths = rng.integers(LENGTH // 2, LENGTH + 1, BATCH)
+  real = np.arange(LENGTH)[None] < lengths[:, None]  # (B, T)
+  if kind == 'gpt':
+    weights = real.astype(np.float32)
+    weights[:, 0] = 0.0
+    return {'tokens': tokens, 'weights': weights}
+  chosen = real & (rng.random((BATCH, LENGTH)) < 0.3)
+  inputs = np.where(chosen & (rng.random((BATCH, LENGTH)) < 0.8), 3, tokens).astype(np.int32)
+  return {'inputs': inputs, 'labels': tokens, 'weights': chosen.astype(np.float32),
+          'token_types': np.zeros((BATCH, LENGTH), np.int32), 'key_mask': real}
+
+
+def run_steps(config, devices, num_steps=2):
+  """Losses and metrics of `num_steps` real trainer steps, the final params and shard shapes."""
+  kind = config.method
+  method = methods.create(config)
+  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  schedule, tx = train.build_optimizer(config)
+  with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
+    graphdef, shardings = train.state_shardings_and_graphdef(method, tx, mesh, config.seed)
+    state = train.init_train_state(method, tx, shardings, config.seed)
+    step_fn = train.make_train_step(method, graphdef, tx, schedule, shardings, mesh)
+    metrics = []
+    for i in range(num_steps):
+      batch = sharding.put_batch(random_batch(kind, i), mesh)
+      state, step_metrics = step_fn(state, batch, jax.random.key(7))
+      metrics.append({k: float(v) for k, v in step_metrics.items()})
+    params = jax.device_get(nnx.to_pure_dict(state['params']))
+    shard_shapes = jax.tree.map(lambda x: x.sharding.shard_shape(x.shape),
+                                nnx.to_pure_dict(state['params']))
+  return metrics, params, shard_shapes
+
+
+# Dropout on (GPT) and BERT's gathered head: both must be the same on 8 devices.
+MODEL = {'gpt': dict(dropout_rate=0.1), 'bert': dict(dropout_rate=0.1, max_predictions_per_seq=4)}
+
+
+@functools.cache
+def one_device_run(kind: str):
+  return run_steps(tiny_config(kind, **MODEL[kind]), jax.devices()[:1])
+
+
+@pytest.mark.parametrize('kind', ['gpt', 'bert'])
+def test_eight_devices_match_one(kind):
+  mesh_shape = dict(data=2, fsdp=2, tensor=2)
+  metrics_1, params_1, _ = one_device_run(kind)
+  metrics_8, params_8, shards = run_steps(tiny_config(kind, mesh_shape, **MODEL[kind]),
+                                          jax.devices())
+  for name in metrics_1[0]:
+    np.testing.assert_allclose([m[name] for m in metrics_8], [m[name] for m in metrics_1],
+                               rtol=1e-5, atol=1e-6, err_msg=name)
+  assert metrics_1[1]['loss'] != metrics_1[0]['loss']  # The first step changed the parameters.
+  flat_1 = jax.tree_util.tree_flatten_with_path(params_1)[0]
+  for (path, p1), p8 in zip(flat_1, jax.tree.leaves(params_8), strict=True):
+    names = [getattr(k, 'key', None) for k in path]
+    # The key bias gets no gradient (softmax ignores a constant); Adam turns float noise
+    # there into updates of up to lr per step.
+    atol = 2 * LR if 'qkv' in names and 'bias' in names else 1e-5
+    np.testing.assert_allclose(p8, p1, rtol=1e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
+  # Heads, MLP units and the vocabulary are split over `tensor`, the width over `fsdp`.
+  assert shards['blocks'][0]['attn']['qkv']['kernel'] == (16, 3, 4, 4)
+  assert shards['blocks'][0]['mlp']['fc1']['kernel'] == (16, 32)
+  assert shards['token_embed']['embedding'] == (VOCAB // 2, 16)
+  if kind == 'bert':  # Some windows chose more than 4 positions, on 8 devices as on 1.
+    assert metrics_1[0]['predictions_dropped'] > 0
+
+
+# ---------------------------------------------------------------- held-out sums.
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+  x = x.astype(np.float64)
+  shifted = x - x.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def built(config, seed: int = 0):
+  method = methods.create(config)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
+    return method, method.build(nnx.Rngs(seed))
+
+
+def test_gpt_eval_step_sums_next_token_cross_entropy():
+  method, model = built(tiny_config('gpt'))
+  batch = random_batch('gpt', 3)
+  total, count = nnx.jit(lambda m, b: method.eval_step(m, b)['loss'])(model, batch)
+  logits = np.asarray(model(jnp.asarray(batch['tokens']))['logits'])
+  tokens, weights = batch['tokens'], batch['weights']
+  cross_entropy = -np.take_along_axis(log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1)[..., 0]
+  assert float(count) == weights[:, 1:].sum() < BATCH * (LENGTH - 1)  # Padding is left out.
+  np.testing.assert_allclose(float(total), (cross_entropy * weights[:, 1:]).sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize('max_predictions', [None, LENGTH - 1, 3])
+def test_bert_eval_step_sums_masked_loss_and_accuracy(max_predictions):
+  method, model = built(tiny_config('bert', max_predictions_per_seq=max_predictions))
+  batch = random_batch('bert', 4)
+  sums = nnx.jit(method.eval_step)(model, batch)
+  logits = np.asarray(model(jnp.asarray(batch['inputs']), token_types=batch['token_types'],
+                            key_mask=batch['key_mask'])['logits'])
+  weights = batch['weights']
+  if max_predictions:  # The head sees only each window's first k chosen positions.
+    weights = weights * (np.cumsum(weights, axis=1) <= max_predictions)
+  labels = batch['labels']
+  cross_entropy = -np.take_along_axis(log_softmax(logits), labels[..., None], -1)[..., 0]
+  correct = logits.argmax(-1) == labels
+  assert float(sums['loss'][1]) == float(sums['masked_accuracy'][1]) == weights.sum() > 0
+  np.testing.assert_allclose(float(sums['loss'][0]), (cross_entropy * weights).sum(), rtol=1e-5)
+  assert float(sums['masked_accuracy'][0]) == (correct * weights).sum()
+  if max_predictions == 3:
+    assert weights.sum() < batch['weights'].sum()
+
+
+# ---------------------------------------------------------------- vocabulary, FLOPs.
+
+@pytest.mark.parametrize('kind,model,head_positions', [
+    ('gpt', {}, LENGTH), ('bert', {}, LENGTH),  # :local's 40 predictions cover all 16.
+    ('bert', dict(max_predictions_per_seq=4), 4)])
+def test_flops_count_every_parameter_once(kind, model, head_positions):
+  method, built_model = built(tiny_config(kind, **model))
+  body, head = method.matmul_params()
+  lookups = LENGTH * 32 + (2 * 32 if kind == 'bert' else 0)  # Positions (+ token types).
+  assert body + head + lookups == count_params(built_model)
+  assert method.train_flops_per_example() == (
+      6 * (body * LENGTH + head * head_positions) + 12 * 2 * LENGTH ** 2 * 32)
+  assert method.examples_to_units(BATCH) == BATCH * LENGTH
+
+
+def test_model_vocabulary_is_the_tokenizers(tmp_path):
+  config = gpt.get_config('local')
+  config.data.update(dict(tokenizer='char', batch_size=8, seq_len=32))
+  method = methods.create(config)
+  data = method.train_data(tmp_path)
+  vocab = method.corpus(tmp_path).tokenizer.vocab_size
+  assert data.config_updates == {'model.vocab_size': vocab} and 50 < vocab < 200
+  resolved = train.resolve_config(config, data.num_examples, data.config_updates)
+  assert resolved.model.vocab_size == vocab and config.model.vocab_size is None
+  assert methods.create(resolved).transformer_config().vocab_size == vocab
+  with pytest.raises(ConfigError, match='config.model.vocab_size is unset'):
+    method.transformer_config()
+  config.model.vocab_size = vocab + 5  # Padded, as nanoGPT's 50304: kept.
+  assert methods.create(config).train_data(tmp_path).config_updates == {}
+  config.model.vocab_size = vocab - 1
+  with pytest.raises(ConfigError, match=f'smaller than the tokenizer.s {vocab} ids'):
+    methods.create(config).train_data(tmp_path)
+  config.model.vocab_size, config.data.seq_len = None, 129
+  with pytest.raises(ConfigError, match='seq_len=129 exceeds config.model.max_len=128'):
+    methods.create(config).train_data(tmp_path)
+  config.data.objective = 'masked_lm'
+  with pytest.raises(ConfigError, match="objective='masked_lm', but method 'gpt' trains"):
+    methods.create(config).train_data(tmp_path)
+
+
+# ---------------------------------------------------------------- init_from errors.
+
+def test_load_weights_reports_mismatches_and_missing_sources(tmp_path):
+  config = tiny_config('gpt')
+  _, model = built(config)
+  state = {'step': jnp.int32(5), 'params': nnx.state(model, nnx.Param)}
+  # As the trainer's Checkpointer lays it out (without the data iterator item).
+  manager = ocp.CheckpointManager(tmp_path / 'run' / 'checkpoints', item_names=('state',))
+  manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  manager.wait_until_finished()
+  manager.close()
+  _, wider = built(tiny_config('gpt', mlp_dim=128))
+  with pytest.raises(CheckpointError, match=r'blocks/0/mlp/fc1/kernel: saved \(32, 64\), '
+                                            r'this model \(32, 128\)'):
+    checkpoint.load_weights(tmp_path / 'run', wider, wider)
+  _, other = built(tiny_config('gpt'), seed=1)
+  assert 'checkpoints/5' in checkpoint.load_weights(tmp_path / 'run', other, other)
+  for a, b in zip(jax.tree.leaves(nnx.state(other)), jax.tree.leaves(nnx.state(model)),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+  # An export (the whole language model for GPT and BERT) loads the same way.
+  checkpoint.export_encoder(tmp_path / 'export', model, config)
+  _, third = built(tiny_config('gpt'), seed=2)
+  assert 'exported encoder' in checkpoint.load_weights(tmp_path / 'export', third, third)
+  for a, b in zip(jax.tree.leaves(nnx.state(third)), jax.tree.leaves(nnx.state(model)),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(CheckpointError, match='neither a workdir .* nor an export'):
+    checkpoint.load_weights(tmp_path / 'nowhere', other, other)
