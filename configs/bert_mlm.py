@@ -42,6 +42,7 @@ from ml_collections.config_dict import placeholder
 
 from ssl_jax.optim import optim_config
 from ssl_jax.sharding import mesh_config
+from ssl_jax.train import eval_config, train_config
 
 BERT_SIZES = {
     'base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
@@ -91,19 +92,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       name='adamw', lr=PEAK_LR, lr_scaling='none', b1=0.9, b2=0.999, eps=1e-6,
       weight_decay=0.01, warmup_steps=WARMUP_STEPS, schedule='warmup_linear', min_lr=PHASE2_LR)
 
-  config.train = ml_collections.ConfigDict(dict(
-      steps=PHASE1_STEPS,
-      epochs=placeholder(float),
-      log_every=100,
-      checkpoint_every=5000,
-      eval_every=10_000,            # Masked-token loss and accuracy on the held-out split.
-      keep_checkpoints=3,
-      init_from=placeholder(str),   # A workdir or export/ whose weights start a fresh run.
-  ))
-
-  config.eval = ml_collections.ConfigDict(dict(
-      batch_size=256, knn=False, knn_k=20, linear_probe=False, train_source='',
-      test_source='', random_init_baseline=False, pictures=False))
+  # Evals: masked-token loss and accuracy on the held-out split.
+  config.train = train_config(steps=PHASE1_STEPS, checkpoint_every=5000, eval_every=10_000)
+  config.eval = eval_config(batch_size=256, pictures=False)
 
   config.mesh = mesh_config(data=-1, fsdp=1, tensor=1)
 

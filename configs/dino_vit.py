@@ -23,6 +23,7 @@ from ml_collections.config_dict import placeholder
 from ssl_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from ssl_jax.optim import optim_config
 from ssl_jax.sharding import mesh_config
+from ssl_jax.train import eval_config, train_config
 
 # ViT sizes (DINO vision_transformer.py: vit_small, vit_base): patch, width, depth, heads, MLP.
 VIT_SIZES = {
@@ -102,35 +103,16 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # DINO's `--freeze_last_layer`: the epochs during which `last_layer` gets no update.
   config.optim.freeze_epochs = 1
 
-  config.train = ml_collections.ConfigDict(dict(
-      steps=placeholder(int),      # If set, wins over epochs.
-      epochs=placeholder(float),
-      steps_per_epoch=placeholder(int),  # Filled in by the trainer from the data.
-      log_every=100,
-      checkpoint_every=2000,
-      eval_every=5000,             # kNN + attention maps every N steps (0: only at the end).
-      keep_checkpoints=3,
-  ))
-  config.train.epochs = 100.0
+  config.train = train_config(epochs=100.0)
   config.optim.weight_decay_steps = config.train.get_ref('steps')
   config.optim.freeze_steps = (config.train.get_ref('steps_per_epoch')
                                * config.optim.get_ref('freeze_epochs'))
 
-  config.eval = ml_collections.ConfigDict(dict(
-      # DINO's kNN (eval_knn.py: k=20, T=0.07) votes on the host here, far too
-      # slowly for ImageNet's 1.28M training images: off in the paper recipe.
-      knn=False,
-      train_source='tfds:imagenet2012:train',
-      test_source='tfds:imagenet2012:validation',
-      knn_k=20,
-      knn_temperature=0.07,
-      linear_probe=False,          # Offline softmax probe on frozen features (in-memory).
-      linear_probe_steps=300,
-      linear_probe_lr=0.01,
-      batch_size=1024,
-      random_init_baseline=False,
-      pictures=True,               # [CLS] attention maps of the teacher's last block.
-  ))
+  # DINO's kNN (eval_knn.py: k=20, T=0.07) votes on the host here, far too slowly
+  # for ImageNet's 1.28M training images: off in the paper recipe. The pictures
+  # are [CLS] attention maps of the teacher's last block.
+  config.eval = eval_config(train_source='tfds:imagenet2012:train',
+                            test_source='tfds:imagenet2012:validation')
 
   config.mesh = mesh_config(data=-1, fsdp=1, tensor=1)
 

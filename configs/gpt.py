@@ -42,6 +42,7 @@ from ml_collections.config_dict import placeholder
 
 from ssl_jax.optim import optim_config
 from ssl_jax.sharding import mesh_config
+from ssl_jax.train import eval_config, train_config
 
 # GPT-2 sizes (Radford et al. 2019, Table 2; Hugging Face gpt2, gpt2-medium, gpt2-large).
 GPT2_SIZES = {
@@ -86,20 +87,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       name='adamw', lr=6e-4, lr_scaling='none', b1=0.9, b2=0.95, weight_decay=0.1,
       grad_clip_norm=1.0, warmup_steps=2000, schedule='warmup_cosine', min_lr=6e-5)
 
-  config.train = ml_collections.ConfigDict(dict(
-      steps=600_000,
-      epochs=placeholder(float),
-      log_every=100,
-      checkpoint_every=2000,
-      eval_every=2000,              # Val loss over the whole held-out split.
-      keep_checkpoints=3,
-      init_from=placeholder(str),   # A workdir or export/ whose weights start a fresh run.
-  ))
-
-  # Only the held-out next-token loss runs (`val_loss`); no image probes.
-  config.eval = ml_collections.ConfigDict(dict(
-      batch_size=512, knn=False, knn_k=20, linear_probe=False, train_source='', test_source='',
-      random_init_baseline=False, pictures=False))
+  # Evals: the next-token loss over the whole held-out split (`val_loss`).
+  config.train = train_config(steps=600_000, eval_every=2000)
+  config.eval = eval_config(batch_size=512, pictures=False)
 
   config.mesh = mesh_config(data=-1, fsdp=1, tensor=1)
 

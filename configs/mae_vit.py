@@ -15,6 +15,7 @@ from ml_collections.config_dict import placeholder
 from ssl_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from ssl_jax.optim import optim_config
 from ssl_jax.sharding import mesh_config
+from ssl_jax.train import eval_config, train_config
 
 # ViT sizes (Dosovitskiy et al. 2021, Table 1): patch, width, depth, heads, MLP.
 VIT_SIZES = {
@@ -64,35 +65,14 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       name='adamw', lr=1.5e-4, lr_scaling='linear', b1=0.9, b2=0.95,
       weight_decay=0.05, warmup_epochs=40.0, schedule='warmup_cosine')
 
-  config.train = ml_collections.ConfigDict(dict(
-      steps=placeholder(int),      # If set, wins over epochs.
-      epochs=placeholder(float),
-      log_every=100,
-      checkpoint_every=2000,
-      eval_every=5000,             # kNN + pictures every N steps (0: only at the end).
-      keep_checkpoints=3,
-      init_from=placeholder(str),  # A workdir or export/ whose weights start a fresh run.
-  ))
-  config.train.epochs = 800.0
+  config.train = train_config(epochs=800.0)
 
-  config.eval = ml_collections.ConfigDict(dict(
-      # Labelled splits for the probes, e.g. 'tfds:imagenet2012:train' and
-      # 'tfds:imagenet2012:validation'. kNN is off in the paper recipe: the MAE
-      # paper reports none, and this probe votes on the host, far too slowly
-      # for ImageNet's 1.28M training images.
-      knn=False,
-      train_source='',
-      test_source='',
-      knn_k=20,
-      knn_temperature=0.07,
-      linear_probe=False,          # Offline softmax probe on frozen features (in-memory).
-      linear_probe_steps=300,
-      linear_probe_lr=0.01,
-      batch_size=1024,
-      pool='cls',                  # Feature for probes: 'cls' (MAE linear probe) or 'patch_mean'.
-      random_init_baseline=False,
-      pictures=True,
-  ))
+  # Labelled splits for the probes, e.g. 'tfds:imagenet2012:train' and
+  # 'tfds:imagenet2012:validation'. kNN is off in the paper recipe: the MAE
+  # paper reports none, and this probe votes on the host, far too slowly for
+  # ImageNet's 1.28M training images.
+  config.eval = eval_config()
+  config.eval.pool = 'cls'  # Feature for probes: 'cls' (MAE linear probe) or 'patch_mean'.
 
   config.mesh = mesh_config(data=-1, fsdp=1, tensor=1)
 

@@ -18,6 +18,7 @@ from ml_collections.config_dict import placeholder
 from ssl_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from ssl_jax.optim import optim_config
 from ssl_jax.sharding import mesh_config
+from ssl_jax.train import eval_config, train_config
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -76,32 +77,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       name='lars', lr=0.3, lr_scaling='linear', weight_decay=1e-6, momentum=0.9,
       trust_coefficient=0.001, warmup_epochs=10.0, schedule='warmup_cosine')
 
-  config.train = ml_collections.ConfigDict(dict(
-      steps=placeholder(int),      # If set, wins over epochs.
-      epochs=placeholder(float),
-      log_every=100,
-      checkpoint_every=2000,
-      eval_every=5000,             # Probes + pictures every N steps (0: only at the end).
-      keep_checkpoints=3,
-      init_from=placeholder(str),  # A workdir or export/ whose weights start a fresh run.
-  ))
-  config.train.epochs = 1000.0
+  config.train = train_config(epochs=1000.0)
 
-  config.eval = ml_collections.ConfigDict(dict(
-      # The online probe is scored on test_source; kNN (host-side voting) is
-      # off for ImageNet, where it would be far too slow.
-      knn=False,
-      train_source='tfds:imagenet2012:train',
-      test_source='tfds:imagenet2012:validation',
-      knn_k=20,
-      knn_temperature=0.07,
-      linear_probe=False,          # Offline softmax probe on frozen features (in-memory).
-      linear_probe_steps=300,
-      linear_probe_lr=0.01,
-      batch_size=1024,
-      random_init_baseline=False,
-      pictures=True,
-  ))
+  # The online probe is scored on test_source; kNN (host-side voting) is off
+  # for ImageNet, where it would be far too slow.
+  config.eval = eval_config(train_source='tfds:imagenet2012:train',
+                            test_source='tfds:imagenet2012:validation')
 
   config.mesh = mesh_config(data=-1, fsdp=1, tensor=1)
 

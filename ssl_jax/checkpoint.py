@@ -191,33 +191,40 @@ def _check_same_shapes(saved: Any, target: Any, source: epath.Path) -> None:
         + '. The model config (sizes, vocabulary) must match the run that saved them.')
 
 
-def restore_params(workdir: epath.PathLike, params: Any) -> tuple[Any, int]:
-  """The `params` of the newest train-state checkpoint in `workdir`, and its step.
+def restore_params(workdir: epath.PathLike, params: Any,
+                   model_state: Any = None) -> tuple[Any, Any, int]:
+  """(params, model_state, step) of the newest train-state checkpoint in `workdir`.
 
   `params` (arrays or ShapeDtypeStructs) gives the tree, shapes and
-  shardings; the optimizer state on disk is not read.
+  shardings; so does `model_state` (BatchNorm statistics, EMA teachers),
+  which is read only when it has leaves (else it comes back as given). The optimizer state
+  on disk is not read.
   """
   step = latest_saved_step(workdir)
   if step is None:
     raise CheckpointError(f'No checkpoint in {epath.Path(workdir) / "checkpoints"}.')
   path = epath.Path(workdir) / 'checkpoints' / str(step) / 'state'
+  wanted = {'params': params}
+  if jax.tree.leaves(model_state):  # A model without other variables saves none.
+    wanted['model_state'] = model_state
   checkpointer = ocp.PyTreeCheckpointer()
   verbosity = logging.get_verbosity()
   # Read alone, the item makes Orbax warn that the step's metadata file (one level up) is missing.
   logging.set_verbosity(logging.ERROR)
   try:
     saved = checkpointer.metadata(path).item_metadata
-    if 'params' not in saved:
-      raise CheckpointError(f'{path} holds no params (keys {sorted(saved.keys())}).')
-    _check_same_shapes(saved['params'], params, path)
-    target = {'params': _abstract(params)}
+    for key, tree in wanted.items():
+      if key not in saved:
+        raise CheckpointError(f'{path} holds no {key} (keys {sorted(saved.keys())}).')
+      _check_same_shapes(saved[key], tree, path)
+    target = {key: _abstract(tree) for key, tree in wanted.items()}
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
   finally:
     logging.set_verbosity(verbosity)
     checkpointer.close()
-  return restored['params'], step
+  return restored['params'], restored.get('model_state', model_state), step
 
 
 def restore_export(directory: epath.PathLike, state: Any) -> Any:
@@ -234,16 +241,17 @@ def restore_export(directory: epath.PathLike, state: Any) -> Any:
 def load_weights(source: epath.PathLike, model: nnx.Module, encoder: nnx.Module) -> str:
   """Overwrites weights in place from another run; returns what was loaded, for the log.
 
-  `source` is a workdir (the params of its newest checkpoint go into the
-  whole `model`) or an export directory (its variables go into `encoder`,
-  the part of `model` that the method exports). Every other variable keeps
-  its value.
+  `source` is a workdir (every variable of its newest checkpoint goes into
+  the whole `model`: parameters, BatchNorm statistics, DINO's teacher and
+  center) or an export directory (its variables go into `encoder`, the part
+  of `model` that the method exports; every other variable keeps its value).
   """
   source = epath.Path(source)
   if (source / 'checkpoints').is_dir():
-    params, step = restore_params(source, nnx.state(model, nnx.Param))
-    nnx.update(model, params)
-    return f'the params of {source / "checkpoints" / str(step)}'
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    params, model_state, step = restore_params(source, params, model_state)
+    nnx.update(model, params, model_state)
+    return f'checkpoint {source / "checkpoints" / str(step)}'
   if (source / 'encoder').is_dir():
     nnx.update(encoder, restore_export(source, nnx.state(encoder)))
     return f'the exported encoder in {source / "encoder"}'

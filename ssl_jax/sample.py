@@ -58,7 +58,7 @@ def load_model(workdir: epath.Path) -> tuple[TransformerLM, Tokenizer, str]:
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     params = checkpoint.abstract_with_shardings(params, sharding.state_shardings(params, mesh))
     if checkpoint.latest_saved_step(workdir) is not None:
-      params, step = checkpoint.restore_params(workdir, params)
+      params, _, step = checkpoint.restore_params(workdir, params)
       source = f'checkpoint step {step}'
     elif (workdir / 'export' / 'encoder').exists():
       params = checkpoint.restore_export(workdir / 'export', params)

@@ -155,7 +155,7 @@ def test_text_run_resumes_exactly_and_init_from_loads_weights(tmp_path):
   fresh = runner.run_main(started, *TINY_GPT, *frozen, f'--config.train.init_from={straight}',
                           config=GPT_LOCAL)
   assert fresh.returncode == 0, fresh.stdout + fresh.stderr
-  assert f'Initialised the weights from the params of {straight}/checkpoints/12' in fresh.stdout
+  assert f'Initialised the weights from checkpoint {straight}/checkpoints/12' in fresh.stdout
   loaded = runner.restore_state(started, 1)
   params = [k for k in want if k.startswith('params/')]
   for key in params:

@@ -216,3 +216,26 @@ def test_load_weights_reports_mismatches_and_missing_sources(tmp_path):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(CheckpointError, match='neither a workdir .* nor an export'):
     checkpoint.load_weights(tmp_path / 'nowhere', other, other)
+
+
+def test_load_weights_from_a_workdir_takes_every_model_variable(tmp_path):
+  """BatchNorm statistics (and DINO's teacher, center) come with the parameters."""
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(3, 4, rngs=rngs)
+      self.norm = nnx.BatchNorm(4, rngs=rngs)
+
+  trained = Net(nnx.Rngs(0))
+  trained.norm.mean.value = jnp.arange(4.0)
+  trained.norm.var.value = jnp.full((4,), 2.5)
+  _, params, model_state = nnx.split(trained, nnx.Param, ...)
+  manager = ocp.CheckpointManager(tmp_path / 'run' / 'checkpoints', item_names=('state',))
+  manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(
+      {'step': jnp.int32(3), 'params': params, 'model_state': model_state})))
+  manager.wait_until_finished()
+  manager.close()
+  fresh = Net(nnx.Rngs(1))
+  assert 'checkpoints/3' in checkpoint.load_weights(tmp_path / 'run', fresh, fresh)
+  for a, b in zip(jax.tree.leaves(nnx.state(fresh)), jax.tree.leaves(nnx.state(trained)),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
