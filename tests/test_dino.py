@@ -203,14 +203,6 @@ def check_local_run(workdir, result, steps: int, *, min_knn: float) -> dict:
   return scores
 
 
-def test_local_config_learns_in_200_steps(tmp_path):
-  """:local shortened to 200 steps (no linear probe): learning, no collapse, pictures, export."""
-  result = runner.run_main(
-      tmp_path, '--config.train.steps=200', '--config.train.eval_every=0',
-      '--config.eval.linear_probe=False', config='configs/dino_vit.py:local', fast_compile=False)
-  check_local_run(tmp_path, result, 200, min_knn=0.55)
-
-
 @pytest.mark.slow
 def test_local_config_learns(tmp_path):
   """The :local job exactly as a user runs it."""
