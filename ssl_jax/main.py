@@ -10,14 +10,13 @@ Multi-process (several hosts, or processes on one host): pass
 environment.
 """
 
-import logging as std_logging
 import re
 import sys
 
-from absl import app, flags, logging
-from absl.logging import converter
+from absl import app, flags
 from ml_collections import config_flags
 
+from ssl_jax.cli import quiet_logging
 from ssl_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -72,11 +71,7 @@ def main(argv: list[str]) -> None:
   """Starts jax.distributed if asked, then trains."""
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
-  # absl leaves Python's root logger at INFO, where jax, Orbax and grain log
-  # every backend probe and save; follow --verbosity (default: warnings).
-  verbosity = flags.FLAGS.verbosity if flags.FLAGS['verbosity'].present else -1
-  std_logging.getLogger().setLevel(converter.absl_to_standard(verbosity))
-  logging.set_verbosity(verbosity)
+  quiet_logging()
   import jax  # After flag parsing, so a bad flag costs no jax start-up.
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,

@@ -12,17 +12,16 @@ Past the model's context the window slides: generation restarts from the
 last half-context of tokens (nanoGPT slides by one token, without a cache).
 """
 
-import logging as std_logging
 import sys
 
 import jax
 import numpy as np
-from absl import app, flags, logging
-from absl.logging import converter
+from absl import app, flags
 from etils import epath
 from flax import nnx
 
 from ssl_jax import checkpoint, methods, sharding
+from ssl_jax.cli import quiet_logging
 from ssl_jax.data.tokenizer import FILENAME, Tokenizer, load_tokenizer
 from ssl_jax.errors import UserError
 from ssl_jax.methods.language import LanguageModelMethod
@@ -105,10 +104,7 @@ def main(argv: list[str]) -> None:
   """Prints each sample, separated by a line of dashes."""
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
-  # As ssl_jax.main: warnings only, unless --verbosity asks for more.
-  verbosity = flags.FLAGS.verbosity if flags.FLAGS['verbosity'].present else -1
-  std_logging.getLogger().setLevel(converter.absl_to_standard(verbosity))
-  logging.set_verbosity(verbosity)
+  quiet_logging()
   try:
     texts = sample(epath.Path(_WORKDIR.value), _PROMPT.value,
                    max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,

@@ -167,18 +167,25 @@ def train_dataset(
       .repeat()
       .random_map(transform)    # rng = f(seed, global position): resumable.
   )
-  # ElasticIterator takes every process_count-th element of the global stream
-  # from process_index, batches it, reads with threads (and worker processes),
-  # and keeps as state only the global position: a checkpoint restores into
-  # any num_workers or process_count.
+  return process_stream(dataset, data, process_index, process_count), source
+
+
+def process_stream(dataset: grain.MapDataset, data: ml_collections.ConfigDict,
+                   process_index: int, process_count: int) -> grain.experimental.ElasticIterator:
+  """This process's batches of an endless global `dataset` (images or text windows).
+
+  ElasticIterator takes every process_count-th element of the global stream
+  from process_index, batches it, reads with threads (and `data.num_workers`
+  worker processes), and keeps as state only the global position: a
+  checkpoint restores into any num_workers or process_count.
+  """
   workers = None
   if data.num_workers > 0:
     workers = grain.MultiprocessingOptions(num_workers=data.num_workers,
                                            per_worker_buffer_size=max(1, data.prefetch))
-  stream = grain.experimental.ElasticIterator(
+  return grain.experimental.ElasticIterator(
       dataset, data.batch_size, grain.sharding.ShardOptions(process_index, process_count),
       read_options=_read_options(data), multiprocessing_options=workers)
-  return stream, source
 
 
 def describe_train(data: ml_collections.ConfigDict, source: ImageSource,

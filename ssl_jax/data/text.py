@@ -55,7 +55,7 @@ import numpy as np
 
 from ssl_jax.data import masking
 from ssl_jax.data.images import DataError
-from ssl_jax.data.pipeline import EvalBatches, per_process_batch_size
+from ssl_jax.data.pipeline import EvalBatches, per_process_batch_size, process_stream
 from ssl_jax.data.text_sources import TokenizedText, describe, tokenized_text
 from ssl_jax.data.tokenizer import Tokenizer
 
@@ -193,15 +193,7 @@ def train_dataset(
       .repeat()
       .map_with_index(_windows(text, data, 'train', seed, epoch_length=num_windows))
   )
-  workers = None
-  if data.num_workers > 0:
-    workers = grain.MultiprocessingOptions(num_workers=data.num_workers,
-                                           per_worker_buffer_size=max(1, data.prefetch))
-  stream = grain.experimental.ElasticIterator(
-      dataset, data.batch_size, grain.sharding.ShardOptions(process_index, process_count),
-      read_options=grain.ReadOptions(num_threads=data.prefetch,
-                                     prefetch_buffer_size=data.prefetch),
-      multiprocessing_options=workers)
+  stream = process_stream(dataset, data, process_index, process_count)
   num_eval = num_eval_windows(len(text.val), data.objective, data.seq_len)
   summary = (f'{describe(text)} -> {num_windows:,} train / {num_eval:,} val windows of '
              f'{data.seq_len} tokens ({data.objective}); batch {data.batch_size} = {batch_size} x '
