@@ -189,31 +189,37 @@ def test_model_vocabulary_is_the_tokenizers(tmp_path):
 
 # ---------------------------------------------------------------- init_from errors.
 
+def save_train_state(workdir, step: int, state: dict) -> None:
+  """`state` (+ step) as the trainer's Checkpointer lays it out, without the data iterator item."""
+  manager = ocp.CheckpointManager(workdir / 'checkpoints', item_names=('state',))
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(
+      {'step': jnp.int32(step), **state})))
+  manager.wait_until_finished()
+  manager.close()
+
+
+def assert_same_variables(model: nnx.Module, reference: nnx.Module) -> None:
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(reference)),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_load_weights_reports_mismatches_and_missing_sources(tmp_path):
   config = tiny_config('gpt')
   _, model = built(config)
-  state = {'step': jnp.int32(5), 'params': nnx.state(model, nnx.Param)}
-  # As the trainer's Checkpointer lays it out (without the data iterator item).
-  manager = ocp.CheckpointManager(tmp_path / 'run' / 'checkpoints', item_names=('state',))
-  manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-  manager.wait_until_finished()
-  manager.close()
+  save_train_state(tmp_path / 'run', 5, {'params': nnx.state(model, nnx.Param)})
   _, wider = built(tiny_config('gpt', mlp_dim=128))
   with pytest.raises(CheckpointError, match=r'blocks/0/mlp/fc1/kernel: saved \(32, 64\), '
                                             r'this model \(32, 128\)'):
     checkpoint.load_weights(tmp_path / 'run', wider, wider)
   _, other = built(tiny_config('gpt'), seed=1)
   assert 'checkpoints/5' in checkpoint.load_weights(tmp_path / 'run', other, other)
-  for a, b in zip(jax.tree.leaves(nnx.state(other)), jax.tree.leaves(nnx.state(model)),
-                  strict=True):
-    np.testing.assert_array_equal(a, b)
+  assert_same_variables(other, model)
   # An export (the whole language model for GPT and BERT) loads the same way.
   checkpoint.export_encoder(tmp_path / 'export', model, config)
   _, third = built(tiny_config('gpt'), seed=2)
   assert 'exported encoder' in checkpoint.load_weights(tmp_path / 'export', third, third)
-  for a, b in zip(jax.tree.leaves(nnx.state(third)), jax.tree.leaves(nnx.state(model)),
-                  strict=True):
-    np.testing.assert_array_equal(a, b)
+  assert_same_variables(third, model)
   with pytest.raises(CheckpointError, match='neither a workdir .* nor an export'):
     checkpoint.load_weights(tmp_path / 'nowhere', other, other)
 
@@ -229,13 +235,7 @@ def test_load_weights_from_a_workdir_takes_every_model_variable(tmp_path):
   trained.norm.mean.value = jnp.arange(4.0)
   trained.norm.var.value = jnp.full((4,), 2.5)
   _, params, model_state = nnx.split(trained, nnx.Param, ...)
-  manager = ocp.CheckpointManager(tmp_path / 'run' / 'checkpoints', item_names=('state',))
-  manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(
-      {'step': jnp.int32(3), 'params': params, 'model_state': model_state})))
-  manager.wait_until_finished()
-  manager.close()
+  save_train_state(tmp_path / 'run', 3, {'params': params, 'model_state': model_state})
   fresh = Net(nnx.Rngs(1))
   assert 'checkpoints/3' in checkpoint.load_weights(tmp_path / 'run', fresh, fresh)
-  for a, b in zip(jax.tree.leaves(nnx.state(fresh)), jax.tree.leaves(nnx.state(trained)),
-                  strict=True):
-    np.testing.assert_array_equal(a, b)
+  assert_same_variables(fresh, trained)
