@@ -40,9 +40,9 @@ bias correction, which BERT's AdamWeightDecayOptimizer omits.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from ssl_jax.config_blocks import eval_config, train_config
 from ssl_jax.optim import optim_config
 from ssl_jax.sharding import mesh_config
-from ssl_jax.train import eval_config, train_config
 
 BERT_SIZES = {
     'base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),

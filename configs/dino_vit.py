@@ -20,10 +20,10 @@ follow the trainer's resolution of epochs into steps and any --config override.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from ssl_jax.config_blocks import eval_config, train_config
 from ssl_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from ssl_jax.optim import optim_config
 from ssl_jax.sharding import mesh_config
-from ssl_jax.train import eval_config, train_config
 
 # ViT sizes (DINO vision_transformer.py: vit_small, vit_base): patch, width, depth, heads, MLP.
 VIT_SIZES = {

@@ -40,9 +40,9 @@ and --config.model.remat=True if activations do not fit).
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from ssl_jax.config_blocks import eval_config, train_config
 from ssl_jax.optim import optim_config
 from ssl_jax.sharding import mesh_config
-from ssl_jax.train import eval_config, train_config
 
 # GPT-2 sizes (Radford et al. 2019, Table 2; Hugging Face gpt2, gpt2-medium, gpt2-large).
 GPT2_SIZES = {

@@ -12,10 +12,10 @@ Variants (`--config=configs/mae_vit.py:VARIANT`):
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from ssl_jax.config_blocks import eval_config, train_config
 from ssl_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from ssl_jax.optim import optim_config
 from ssl_jax.sharding import mesh_config
-from ssl_jax.train import eval_config, train_config
 
 # ViT sizes (Dosovitskiy et al. 2021, Table 1): patch, width, depth, heads, MLP.
 VIT_SIZES = {

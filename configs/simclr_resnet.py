@@ -15,10 +15,10 @@ Variants (`--config=configs/simclr_resnet.py:VARIANT`):
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from ssl_jax.config_blocks import eval_config, train_config
 from ssl_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from ssl_jax.optim import optim_config
 from ssl_jax.sharding import mesh_config
-from ssl_jax.train import eval_config, train_config
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

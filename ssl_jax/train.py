@@ -27,7 +27,6 @@ from absl import logging
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
-from ml_collections.config_dict import placeholder
 
 from ssl_jax import checkpoint, methods, optim, sharding
 from ssl_jax.errors import ConfigError
@@ -41,53 +40,6 @@ TrainState = dict[str, Any]
 # ------------------------------------------------------------------------------
 # Setup.
 # ------------------------------------------------------------------------------
-def _block(defaults: dict[str, Any], overrides: dict[str, Any],
-           name: str) -> ml_collections.ConfigDict:
-  """`defaults` updated with `overrides`; a key not in `defaults` is an error naming it."""
-  unknown = sorted(set(overrides) - set(defaults))
-  if unknown:
-    raise ValueError(f'Unknown {name} keys {unknown}; known: {sorted(defaults)}')
-  block = ml_collections.ConfigDict(defaults)
-  block.update(overrides)
-  return block
-
-
-def train_config(**overrides) -> ml_collections.ConfigDict:
-  """The `config.train` block every method shares, with its defaults."""
-  return _block(dict(
-      steps=placeholder(int),            # If set, wins over epochs.
-      epochs=placeholder(float),
-      steps_per_epoch=placeholder(int),  # Filled in by the trainer from the data.
-      log_every=100,
-      checkpoint_every=2000,
-      eval_every=5000,                   # Evals every N steps (0: only at the end).
-      keep_checkpoints=3,
-      init_from=placeholder(str),        # A workdir or export/ whose weights start a fresh run.
-  ), overrides, 'config.train')
-
-
-def eval_config(**overrides) -> ml_collections.ConfigDict:
-  """The `config.eval` block every method shares, with its defaults.
-
-  The kNN and linear probes (on frozen features, in host memory) need both
-  labelled splits, `train_source` and `test_source`; the held-out loss of
-  the language methods needs none of them.
-  """
-  return _block(dict(
-      knn=False,
-      train_source='',
-      test_source='',
-      knn_k=20,
-      knn_temperature=0.07,
-      linear_probe=False,                # Offline softmax probe on frozen features.
-      linear_probe_steps=300,
-      linear_probe_lr=0.01,
-      batch_size=1024,
-      random_init_baseline=False,        # Also score a randomly initialised encoder, at the end.
-      pictures=True,                     # The method's pictures under images/ at each eval.
-  ), overrides, 'config.eval')
-
-
 def resolve_config(config: ml_collections.ConfigDict, num_train_examples: int,
                    data_updates: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
   """Fills in what depends on the data: steps from epochs, warmup, peak lr.
