@@ -4,7 +4,8 @@ Variants (`--config=configs/bert_mlm.py:VARIANT`):
   (none)  BERT-base phase 1: 12 layers, 768 wide, 12 heads, post-LN, erf GELU, LayerNorm
           eps 1e-12, 512 positions; 128-token windows, batch 256, 900k steps (90% of
           the paper's 1M); Adam(W) lr 1e-4, betas (0.9, 0.999), eps 1e-6, wd 0.01,
-          10k warmup steps, linear decay; dropout 0.1; 15% masked (80/10/10).
+          10k warmup steps, linear decay, global gradient norm clipped at 1.0;
+          dropout 0.1; 15% masked (80/10/10).
   seq512  phase 2: 512-token windows, batch 256, the last 100k steps, starting from
           phase 1's weights: --config.train.init_from=PHASE1_WORKDIR.
   large   BERT-large (24 layers, 1024 wide, 16 heads), otherwise as phase 1.
@@ -88,9 +89,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       remat=False,
   ))
 
+  # google-research/bert optimization.py, create_optimizer (lines 59-74): AdamWeightDecay
+  # with these betas, eps and decay, and `tf.clip_by_global_norm(grads, clip_norm=1.0)`,
+  # "This is how the model was pre-trained."
   config.optim = optim_config(
       name='adamw', lr=PEAK_LR, lr_scaling='none', b1=0.9, b2=0.999, eps=1e-6,
-      weight_decay=0.01, warmup_steps=WARMUP_STEPS, schedule='warmup_linear', min_lr=PHASE2_LR)
+      weight_decay=0.01, warmup_steps=WARMUP_STEPS, schedule='warmup_linear', min_lr=PHASE2_LR,
+      grad_clip_norm=1.0, grad_clip_scope='global')
 
   # Evals: masked-token loss and accuracy on the held-out split.
   config.train = train_config(steps=PHASE1_STEPS, checkpoint_every=5000, eval_every=10_000)

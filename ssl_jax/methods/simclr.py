@@ -7,6 +7,9 @@ BatchNorm statistics are those of the whole global batch, across devices),
 a projection MLP maps them to z, and NT-Xent pulls the two views of an image
 together against all 2N - 2 other views. An online linear probe on
 stop-gradient features reports how good the representation is while it trains.
+
+The optimised objective is the reference's (`contrastive_objective`): the sum
+of the two directions' mean cross-entropies, twice `losses.ntxent_loss`.
 """
 
 import jax
@@ -21,6 +24,19 @@ from ssl_jax.eval.pictures import image_grid
 from ssl_jax.methods.base import Batch, Method, Metrics
 from ssl_jax.models.heads import LinearProbe, ProjectionMLP, probe_loss_and_accuracy
 from ssl_jax.models.resnet import ResNet
+
+
+def contrastive_objective(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
+  """SimCLR's optimised loss: loss_a + loss_b, each a mean over the N anchors of one view.
+
+  google-research/simclr tf2/objective.py, add_contrastive_loss (lines 83-87):
+  `loss = tf.reduce_mean(loss_a + loss_b)`, where loss_a holds view 1's
+  anchors against both views and loss_b view 2's. That is twice
+  `losses.ntxent_loss`, the mean over all 2N anchors. The scale matters
+  under LARS: the batch-norm and bias parameters skip the trust ratio, so
+  with the mean over 2N they would move at half the reference's rate.
+  """
+  return 2.0 * losses.ntxent_loss(z1, z2, temperature)
 
 
 class SimCLRModel(nnx.Module):
@@ -73,13 +89,13 @@ class SimCLR(Method):
 
   def loss_fn(self, model: SimCLRModel, batch: Batch, rng: jax.Array,
               step: jax.Array) -> tuple[jax.Array, Metrics]:
-    """NT-Xent of the two views' projections, plus the probe's cross-entropy."""
+    """The reference's objective (2 x NT-Xent) of the projections, plus the probe's loss."""
     del step
     num = batch['image'].shape[0]
     views = self._views(batch['image'], rng)
     features = model.encoder(views, train=True)['pooled']  # (2B, D)
     z = model.projector(features, train=True)  # (2B, projection_dim)
-    contrastive = losses.ntxent_loss(z[:num], z[num:], self.config.model.temperature)
+    contrastive = contrastive_objective(z[:num], z[num:], self.config.model.temperature)
     labels = jnp.concatenate([batch['label'], batch['label']])
     probe_loss, probe_accuracy = probe_loss_and_accuracy(model.online_probe(features), labels)
     # The probe's loss only reaches the probe (its input is stop-gradient).
