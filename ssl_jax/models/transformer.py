@@ -6,10 +6,10 @@ What follows whom:
   tanh-approximated GELU, a final LayerNorm, the output head tied to the
   token embedding, N(0, 0.02) init with the residual projections (attention
   output, second MLP layer) scaled by 1/sqrt(2 * depth).
-- nanoGPT's own training runs differ from GPT-2 in two switches:
-  `use_bias=False` (model.py L116 `bias`, train.py L56 `bias = False`: no
-  bias in any Linear or LayerNorm, L18-27, L35-37, L82-84) and `gelu='erf'`
-  (model.py L83 `nn.GELU()`, PyTorch's exact erf form).
+- nanoGPT's own training runs (karpathy/nanoGPT 3adf61e) differ from GPT-2
+  in two switches: `use_bias=False` (train.py L56 `bias = False`, read by
+  model.py L116: no bias in any Linear or LayerNorm, model.py L18-27, L35-37,
+  L82-84) and `gelu='erf'` (model.py L83 `nn.GELU()`, PyTorch's exact form).
 - BERT (Devlin et al. 2018) as in Hugging Face's `modeling_bert.py`: word +
   position + token-type embeddings followed by a LayerNorm, post-LayerNorm
   blocks with eps 1e-12, exact (erf) GELU, and the MLM head (dense -> GELU ->
