@@ -82,6 +82,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       vocab_size=placeholder(int),  # None: the tokenizer's (config.json records it).
       max_len=512,
       dropout_rate=0.1,
+      gelu='erf',                   # BERT's exact GELU (modeling.py gelu: erf).
+      use_bias=True,                # Biases in every Linear and LayerNorm.
       # The output head runs at the first k masked positions of each window (BERT's
       # max_predictions_per_seq); ~6 std above 0.15 x 128, so none is ever left out.
       max_predictions_per_seq=40,

@@ -4,12 +4,16 @@ Variants (`--config=configs/gpt.py:VARIANT`):
   (none)  GPT-2 124M (12 layers, 768 wide, 12 heads, context 1024) as nanoGPT's
           train_gpt2.py: AdamW lr 6e-4, betas (0.9, 0.95), wd 0.1, clip 1.0,
           2000 warmup steps, cosine to 6e-5 at 600k steps, 512 x 1024 tokens a
-          step, no dropout, bfloat16 compute.
+          step, no dropout, bfloat16 compute. The model is GPT-2's own (biases,
+          tanh GELU), so Hugging Face gpt2 weights load; nanoGPT trains its
+          variant (train.py L56 bias=False, model.py L83 erf nn.GELU()):
+          --config.model.use_bias=False --config.model.gelu=erf.
   medium  GPT-2 medium (350M: 24 layers, 1024 wide, 16 heads), lr 3e-4.
   large   GPT-2 large (774M: 36 layers, 1280 wide, 20 heads), lr 2.5e-4.
   char    nanoGPT's character-level tiny-Shakespeare run (6 layers, 6 heads, 384
-          wide, context 256, dropout 0.2, lr 1e-3, batch 64, 5000 steps); give it
-          the file: --config.data.source=text:PATH/input.txt (default: pydoc).
+          wide, context 256, dropout 0.2, lr 1e-3, batch 64, 5000 steps) with
+          nanoGPT's model: no biases, exact (erf) GELU; give it the file:
+          --config.data.source=text:PATH/input.txt (default: pydoc).
   local   a small GPT on the embedded pydoc text: minutes on 2 CPU cores.
 
   python -m ssl_jax.main --config=configs/gpt.py:local --workdir=/tmp/gpt
@@ -79,6 +83,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       vocab_size=placeholder(int),  # None: the tokenizer's (config.json records it).
       max_len=1024,
       dropout_rate=0.0,             # nanoGPT: 0 for pretraining.
+      gelu='tanh',                  # GPT-2's gelu_new; 'erf' is exact (nanoGPT's nn.GELU()).
+      use_bias=True,                # GPT-2's biases in every Linear and LayerNorm (HF layout).
       dtype='bfloat16',             # Compute dtype; parameters stay float32.
       remat=False,
   ))
@@ -108,14 +114,26 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 def _char(config: ml_collections.ConfigDict) -> None:
   """nanoGPT's config/train_shakespeare_char.py (val loss ~1.47 on tiny Shakespeare).
 
-  nanoGPT's run also drops the biases of its linear and LayerNorm layers;
-  this model keeps GPT-2's.
+  Line numbers below are of karpathy/nanoGPT at 3adf61e: `char.py` is
+  config/train_shakespeare_char.py, `train.py` the defaults it does not
+  override, `model.py` the model. nanoGPT estimates losses on 200 random
+  batches (char.py L6) where our eval reads the whole held-out split, and it
+  keeps only the best checkpoint (char.py L10) where we keep the latest.
   """
+  # char.py L18 batch_size, L19 block_size; prepare.py L39-40 holds out the last 10%.
   config.data.update(dict(source='pydoc', tokenizer='char', seq_len=256, batch_size=64,
                           val_fraction=0.1, prefetch=2))
+  # char.py L22-25 n_layer, n_head, n_embd, dropout; model.py L82 MLP 4 x n_embd.
+  # train.py L56 bias = False (not overridden): no bias in any Linear or LayerNorm;
+  # model.py L83 nn.GELU(), the exact erf form. float32: nanoGPT's CPU run (char.py L35-37;
+  # train.py L73 autocasts to bfloat16 only on a GPU).
   config.model.update(dict(width=384, depth=6, num_heads=6, mlp_dim=4 * 384, max_len=256,
-                           dropout_rate=0.2, dtype='float32'))
+                           dropout_rate=0.2, dtype='float32', use_bias=False, gelu='erf'))
+  # char.py L27 lr, L28-29 max_iters = lr_decay_iters (the cosine ends at the last step),
+  # L30 min_lr, L31 beta2, L33 warmup_iters; train.py L60-63 weight decay 0.1, beta1 0.9,
+  # clip 1.0 are the GPT-2 block's above.
   config.optim.update(dict(lr=1e-3, b2=0.99, warmup_steps=100, min_lr=1e-4))
+  # char.py L5 eval_interval, L7 log_interval; L17: no gradient accumulation, as here.
   config.train.update(dict(steps=5000, log_every=10, checkpoint_every=250, eval_every=250))
   config.eval.batch_size = 64
 

@@ -14,10 +14,10 @@ from ssl_jax.models import hf_convert, transformer
 VOCAB, LENGTH, WIDTH, HEADS, MLP = 40, 12, 16, 2, 24
 
 
-def tiny_model(kind: str, seed: int = 0) -> transformer.TransformerLM:
+def tiny_model(kind: str, seed: int = 0, **overrides) -> transformer.TransformerLM:
   make = transformer.gpt2_config if kind == 'gpt' else transformer.bert_config
   config = make(vocab_size=VOCAB, max_len=LENGTH, width=WIDTH, depth=2, num_heads=HEADS,
-                mlp_dim=MLP)
+                mlp_dim=MLP, **overrides)
   mesh = sharding.make_mesh(sharding.mesh_config(1, 1, 1), jax.devices()[:1])
   with sharding.activate(mesh, sharding.DEFAULT_RULES):
     model = transformer.TransformerLM(config, rngs=nnx.Rngs(seed))
@@ -201,3 +201,15 @@ def test_mismatches_are_clear_errors():
   bare = {k.removeprefix('transformer.'): v for k, v in sd.items() if k != 'lm_head.weight'}
   np.testing.assert_array_equal(hf_convert.gpt2_from_hf(bare, model)['blocks'][1]['mlp']['fc2'][
       'kernel'], sd['transformer.h.1.mlp.c_proj.weight'])
+
+
+@pytest.mark.parametrize('kind', ['gpt', 'bert'])
+def test_models_without_biases_are_refused_both_ways(kind):
+  # nanoGPT's bias=False model (configs/gpt.py:char) has no arrays for HF's bias names.
+  model = tiny_model(kind, use_bias=False)
+  to_hf = hf_convert.gpt2_to_hf if kind == 'gpt' else hf_convert.bert_to_hf
+  from_hf = hf_convert.gpt2_from_hf if kind == 'gpt' else hf_convert.bert_from_hf
+  with pytest.raises(ValueError, match='this model has no biases .*use_bias=False'):
+    to_hf(params_of(model))
+  with pytest.raises(ValueError, match='this model has no biases .*use_bias=False'):
+    from_hf(to_hf(params_of(tiny_model(kind))), model)

@@ -1,6 +1,7 @@
 """GPT and BERT as methods: sharded train step, held-out sums, vocabulary, FLOPs, init_from."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,11 @@ from flax import nnx
 
 from configs import bert_mlm, gpt
 from ssl_jax import checkpoint, methods, sharding, train
+from ssl_jax import optim as optim_lib
 from ssl_jax.errors import CheckpointError, ConfigError
+from ssl_jax.models import transformer
 from ssl_jax.models.transformer import count_params
+from tests.test_transformer import np_mlp
 
 VOCAB, LENGTH, BATCH, LR = 64, 16, 16, 1e-2
 CONFIGS = {'gpt': gpt.get_config, 'bert': bert_mlm.get_config}
@@ -151,7 +155,8 @@ def test_bert_eval_step_sums_masked_loss_and_accuracy(max_predictions):
 
 @pytest.mark.parametrize('kind,model,head_positions', [
     ('gpt', {}, LENGTH), ('bert', {}, LENGTH),  # :local's 40 predictions cover all 16.
-    ('bert', dict(max_predictions_per_seq=4), 4)])
+    ('bert', dict(max_predictions_per_seq=4), 4),
+    ('gpt', dict(use_bias=False, gelu='erf'), LENGTH), ('bert', dict(use_bias=False), LENGTH)])
 def test_flops_count_every_parameter_once(kind, model, head_positions):
   method, built_model = built(tiny_config(kind, **model))
   body, head = method.matmul_params()
@@ -239,3 +244,99 @@ def test_load_weights_from_a_workdir_takes_every_model_variable(tmp_path):
   fresh = Net(nnx.Rngs(1))
   assert 'checkpoints/3' in checkpoint.load_weights(tmp_path / 'run', fresh, fresh)
   assert_same_variables(fresh, trained)
+
+
+# ---------------------------------------------------------------- :char is nanoGPT's model.
+# karpathy/nanoGPT at 3adf61e: config/train_shakespeare_char.py (char.py), train.py, model.py.
+
+def abstract_model(config):
+  """The method and its model as shapes only (nothing allocated), on a 1-device mesh."""
+  method = methods.create(config)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
+    return method, nnx.eval_shape(lambda: method.build(nnx.Rngs(0)))
+
+
+def named_leaves(tree) -> dict:
+  """{"['blocks'][0]['mlp']['fc1']['kernel']": leaf, ...} of a nested dict."""
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def named_params(model) -> dict:
+  return named_leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def char_config():
+  config = gpt.get_config('char')
+  config.model.vocab_size = 65  # nanoGPT's data/shakespeare_char/prepare.py L66.
+  return train.resolve_config(config, num_train_examples=1_000_000 // 256)
+
+
+def test_char_is_nanogpts_recipe_and_model():
+  config = char_config()
+  # char.py L18-33, train.py L60-63 (weight decay, beta1, grad clip: not overridden).
+  assert (config.model.depth, config.model.num_heads, config.model.width) == (6, 6, 384)
+  assert (config.model.mlp_dim, config.model.max_len, config.data.seq_len) == (1536, 256, 256)
+  assert (config.model.dropout_rate, config.data.batch_size, config.train.steps) == (0.2, 64, 5000)
+  optim = config.optim
+  assert (optim.lr, optim.min_lr, optim.warmup_steps, optim.b1, optim.b2) == (
+      1e-3, 1e-4, 100, 0.9, 0.99)
+  assert (optim.weight_decay, optim.grad_clip_norm, optim.lr_scaling) == (0.1, 1.0, 'none')
+  assert (config.train.eval_every, config.train.log_every) == (250, 10)
+  # train.py L231-242 get_lr: the same cosine from warmup_iters to lr_decay_iters = max_iters;
+  # its warmup is lr (it + 1) / (warmup + 1) where ours is lr it / warmup.
+  def nanogpt_lr(it):
+    if it < 100:
+      return 1e-3 * (it + 1) / 101
+    return 1e-4 + 0.5 * (1 + math.cos(math.pi * (it - 100) / 4900)) * (1e-3 - 1e-4)
+  schedule, _ = train.build_optimizer(config)
+  ours = np.array([float(schedule(it)) for it in range(0, 5001, 50)])
+  want = np.array([nanogpt_lr(it) for it in range(0, 5001, 50)])
+  np.testing.assert_allclose(ours[2:], want[2:], rtol=1e-5)  # From step 100 on.
+  assert np.abs(ours[:2] - want[:2]).max() <= 1e-3 / 101 + 1e-9
+  # model.py L18-27, L35-37, L82-84 with bias=False (train.py L56): no bias anywhere.
+  method, model = abstract_model(config)
+  params = named_params(model)
+  assert (method.transformer_config().use_bias, method.transformer_config().gelu) == (False, 'erf')
+  assert not [name for name in params if 'bias' in name]
+  assert {name for name in params if 'norm' in name} == {
+      f"['blocks'][{i}]['norm{j}']['scale']" for i in range(6) for j in (1, 2)} | {
+      "['final_norm']['scale']"}
+  # nanoGPT prints "number of parameters: 10.65M", all but the position embedding
+  # (model.py L150-160), and decays the 26 tensors of >= 2 dimensions, 10,740,096 scalars,
+  # but not the 13 LayerNorm gains, 4,992 scalars (model.py L268-278).
+  assert count_params(model) - 256 * 384 == 10_646_784
+  decayed = named_leaves(optim_lib.decay_mask(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+  sizes = {name: math.prod(leaf.shape) for name, leaf in params.items()}
+  assert [sum(1 for n in decayed if decayed[n] == d) for d in (True, False)] == [26, 13]
+  assert [sum(sizes[n] for n in decayed if decayed[n] == d) for d in (True, False)] == [
+      10_740_096, 4_992]
+
+
+def test_char_mlp_is_erf_gelu_without_biases():
+  config = char_config()
+  method = methods.create(config)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
+    mlp = transformer.Mlp(method.transformer_config(), rngs=nnx.Rngs(0))
+  params = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                        nnx.to_pure_dict(nnx.state(mlp, nnx.Param)))
+  assert params['fc1'].keys() == params['fc2'].keys() == {'kernel'}
+  x = np.random.default_rng(0).normal(0, 8, (2, 4, 384))  # Pre-activations of std ~3.
+  ours = np.asarray(mlp(jnp.asarray(x, jnp.float32)), np.float64)
+  want = np_mlp(x, params, 'erf')
+  np.testing.assert_allclose(ours, want, atol=1e-5)
+  assert np.abs(ours - np_mlp(x, params, 'tanh')).max() > 1e-4  # tanh GELU would fail.
+
+
+def test_default_gpt_keeps_gpt2s_biases_and_tanh_gelu():
+  config = gpt.get_config()
+  config.model.vocab_size = 50257
+  method, model = abstract_model(config)
+  assert (method.transformer_config().use_bias, method.transformer_config().gelu) == (True, 'tanh')
+  params = named_params(model)
+  for layer in ("['attn']['qkv']", "['attn']['proj']", "['mlp']['fc1']", "['mlp']['fc2']",
+                "['norm1']", "['norm2']"):
+    assert f"['blocks'][11]{layer}['bias']" in params
+  assert count_params(model) == 124_439_808  # Hugging Face gpt2 with the head tied to wte.

@@ -16,10 +16,17 @@ from ssl_jax.models import sampling, transformer
 VOCAB, LENGTH = 64, 16
 
 
+# nanoGPT's model (model.py L116 bias, train.py L56 bias = False; model.py L83 nn.GELU()).
+NANOGPT = dict(use_bias=False, gelu='erf')
+
+
 def tiny_config(kind: str, **overrides) -> transformer.TransformerConfig:
+  """A small model; kind 'gpt', 'bert', or 'nanogpt' (GPT-2 without biases, erf GELU)."""
   sizes = dict(vocab_size=VOCAB, max_len=LENGTH, width=32, depth=2, num_heads=4, mlp_dim=64)
+  if kind == 'nanogpt':
+    sizes.update(NANOGPT)
   sizes.update(overrides)
-  return (transformer.gpt2_config if kind == 'gpt' else transformer.bert_config)(**sizes)
+  return (transformer.bert_config if kind == 'bert' else transformer.gpt2_config)(**sizes)
 
 
 @contextlib.contextmanager
@@ -56,7 +63,7 @@ def logits_of(model, tokens, **kwargs) -> np.ndarray:
 def np_layer_norm(x, p, eps):
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
-  return (x - mean) / np.sqrt(var + eps) * p['scale'] + p['bias']
+  return (x - mean) / np.sqrt(var + eps) * p['scale'] + p.get('bias', 0.0)
 
 
 def np_gelu(x, kind):
@@ -69,7 +76,7 @@ def np_attention(h, p, num_heads, causal):
   """HF-style attention: split q|k|v of the fused (D, 3D) weight, -inf above the diagonal."""
   batch, length, width = h.shape
   w = p['qkv']['kernel'].reshape(width, 3 * width)
-  qkv = h @ w + p['qkv']['bias'].reshape(3 * width)
+  qkv = h @ w + p['qkv'].get('bias', np.zeros(3 * width)).reshape(3 * width)
   q, k, v = (a.reshape(batch, length, num_heads, -1).transpose(0, 2, 1, 3)
              for a in np.split(qkv, 3, axis=-1))
   scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1])
@@ -78,7 +85,13 @@ def np_attention(h, p, num_heads, causal):
   probs = np.exp(scores - scores.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   out = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, length, width)
-  return out @ p['proj']['kernel'].reshape(width, width) + p['proj']['bias']
+  return out @ p['proj']['kernel'].reshape(width, width) + p['proj'].get('bias', 0.0)
+
+
+def np_mlp(h, p, gelu):
+  """fc1 -> GELU ('erf' or 'tanh') -> fc2; a missing bias is no bias."""
+  hidden = np_gelu(h @ p['fc1']['kernel'] + p['fc1'].get('bias', 0.0), gelu)
+  return hidden @ p['fc2']['kernel'] + p['fc2'].get('bias', 0.0)
 
 
 def np_forward(params, tokens, types, config):
@@ -93,8 +106,7 @@ def np_forward(params, tokens, types, config):
     x = np_layer_norm(x, p['embed_norm'], eps)
   for i in range(config.depth):
     b = p['blocks'][i]
-    mlp = lambda h, b=b: np_gelu(h @ b['mlp']['fc1']['kernel'] + b['mlp']['fc1']['bias'],
-                                 gelu) @ b['mlp']['fc2']['kernel'] + b['mlp']['fc2']['bias']
+    mlp = lambda h, b=b: np_mlp(h, b['mlp'], gelu)
     if config.norm == 'pre':
       x = x + np_attention(np_layer_norm(x, b['norm1'], eps), b['attn'], config.num_heads, True)
       x = x + mlp(np_layer_norm(x, b['norm2'], eps))
@@ -120,7 +132,7 @@ def randomised(model):
   return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
 
-@pytest.mark.parametrize('kind', ['gpt', 'bert'])
+@pytest.mark.parametrize('kind', ['gpt', 'bert', 'nanogpt'])
 def test_forward_matches_numpy_reference(kind):
   model = randomised(tiny_model(kind))
   tokens = random_tokens(0)
@@ -300,7 +312,7 @@ def sharded_loss_and_grads(kind, mesh_shape, dropout_rate, remat=False):
         model = nnx.merge(graphdef, params)
         out = model(batch['tokens'], token_types=batch['types'] if kind == 'bert' else None,
                     dropout_rng=jax.random.key(3) if dropout_rate else None)
-        if kind == 'gpt':
+        if kind != 'bert':
           return losses.next_token_loss(out['logits'], batch['tokens'])
         return losses.masked_lm_loss(out['logits'], batch['tokens'], batch['weights'])
       return jax.value_and_grad(loss_fn)(params)
@@ -316,7 +328,9 @@ def sharded_loss_and_grads(kind, mesh_shape, dropout_rate, remat=False):
 @pytest.mark.parametrize('kind,mesh_shape,dropout_rate,remat', [
     ('gpt', dict(data=2, fsdp=2, tensor=2), 0.1, True),
     ('bert', dict(data=1, fsdp=2, tensor=4), 0.0, False),
-], ids=['gpt-dropout-remat-data2-fsdp2-tensor2', 'bert-fsdp2-tensor4'])
+    ('nanogpt', dict(data=2, fsdp=1, tensor=4), 0.1, False),
+], ids=['gpt-dropout-remat-data2-fsdp2-tensor2', 'bert-fsdp2-tensor4',
+        'nanogpt-nobias-dropout-data2-tensor4'])
 def test_eight_devices_match_one(kind, mesh_shape, dropout_rate, remat):
   # GPT runs with rematerialisation on 8 devices only: the same numbers also show that
   # remat (with dropout inside the recomputed block) changes nothing.

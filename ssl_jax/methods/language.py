@@ -10,7 +10,10 @@ trainer as `model.vocab_size` (unless the config sets it, e.g. nanoGPT's
 "encoder": the sampler and a downstream fine-tune want its head too.
 
 Config keys read from `config.model`: vocab_size (None: the tokenizer's),
-max_len, width, depth, num_heads, mlp_dim, dropout_rate, dtype, remat.
+max_len, width, depth, num_heads, mlp_dim, dropout_rate, dtype, remat, and
+the architecture switches gelu ('tanh' | 'erf') and use_bias (biases in every
+Linear and LayerNorm), which default to the paper's when a config (or an
+older config.json) leaves them out.
 """
 
 import jax
@@ -89,10 +92,11 @@ class LanguageModelMethod(Method):
     if m.vocab_size is None:
       raise ConfigError('config.model.vocab_size is unset: it is the tokenizer\'s, which '
                         '`train_data` reports to the trainer (or set it explicitly)')
+    switches = {key: m[key] for key in ('gelu', 'use_bias') if key in m}
     return self.architecture(
         vocab_size=m.vocab_size, max_len=m.max_len, width=m.width, depth=m.depth,
         num_heads=m.num_heads, mlp_dim=m.mlp_dim, dropout_rate=m.dropout_rate,
-        dtype=jnp.dtype(m.dtype), remat=m.remat)
+        dtype=jnp.dtype(m.dtype), remat=m.remat, **switches)
 
   def build(self, rngs: nnx.Rngs) -> TransformerLM:
     """The language model of `config.model`."""
@@ -125,9 +129,12 @@ class LanguageModelMethod(Method):
     """
     c = self.transformer_config()
     d, m, v = c.width, c.mlp_dim, c.vocab_size
-    block = 4 * d * d + 2 * d * m + 9 * d + m  # qkv, proj, MLP with biases; two LayerNorms.
-    body = c.depth * block + 2 * d  # + GPT's final / BERT's embedding LayerNorm.
-    head = v * d + (d * d + 3 * d + v if c.head == 'mlm' else 0)  # + BERT's transform, bias.
+    norm = 2 * d if c.use_bias else d  # A LayerNorm's scale (and bias).
+    biases = 5 * d + m if c.use_bias else 0  # qkv 3d, proj d, MLP m and d.
+    block = 4 * d * d + 2 * d * m + biases + 2 * norm
+    body = c.depth * block + norm  # + GPT's final / BERT's embedding LayerNorm.
+    transform = d * d + norm + (d + v if c.use_bias else 0)  # BERT's dense, norm, biases.
+    head = v * d + (transform if c.head == 'mlm' else 0)
     return body, head
 
   def train_flops_per_example(self) -> float:

@@ -13,6 +13,14 @@ embedding and, when read, must equal it.
 
 Parameters here are the nested dicts of `nnx.to_pure_dict(nnx.state(model,
 nnx.Param))`; `load_params` puts such a dict into a model.
+
+Both layouts have a bias in every Linear and LayerNorm. A model built with
+`use_bias=False` (nanoGPT's bias=False, configs/gpt.py:char) is refused in
+both directions with a ValueError that says so: reading a checkpoint into it
+would drop trained biases, and nanoGPT itself loads GPT-2 weights only into
+a model with bias=True (model.py L222-225). The activation is not in a state
+dict: a model with `gelu='erf'` exported here needs
+`activation_function='gelu'` in the Hugging Face config (GPT-2's is gelu_new).
 """
 
 import re
@@ -37,8 +45,17 @@ def _ln(params: Params) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(params['scale']), np.asarray(params['bias'])
 
 
+def _require_biases(params: Params, layout: str) -> None:
+  """ValueError unless the model has biases, as every Linear and LayerNorm of `layout` does."""
+  if 'bias' not in params['blocks'][0]['mlp']['fc1']:
+    raise ValueError(f'this model has no biases (config.model.use_bias=False, nanoGPT\'s '
+                     f'bias=False) but {layout} has one in every Linear and LayerNorm: convert '
+                     'a model built with use_bias=True.')
+
+
 def gpt2_to_hf(params: Params) -> StateDict:
   """Our GPT-2 parameters -> `GPT2LMHeadModel` state dict (NumPy, HF names and shapes)."""
+  _require_biases(params, "Hugging Face's GPT2LMHeadModel")
   sd = {'transformer.wte.weight': params['token_embed']['embedding'],
         'transformer.wpe.weight': params['position_embed']['embedding']}
   for i, block in params['blocks'].items():
@@ -61,6 +78,7 @@ def gpt2_to_hf(params: Params) -> StateDict:
 
 def bert_to_hf(params: Params) -> StateDict:
   """Our BERT parameters -> `BertForMaskedLM` state dict (NumPy, HF names and shapes)."""
+  _require_biases(params, "Hugging Face's BertForMaskedLM")
   sd = {'bert.embeddings.word_embeddings.weight': params['token_embed']['embedding'],
         'bert.embeddings.position_embeddings.weight': params['position_embed']['embedding'],
         'bert.embeddings.token_type_embeddings.weight': params['type_embed']['embedding']}

@@ -6,6 +6,10 @@ What follows whom:
   tanh-approximated GELU, a final LayerNorm, the output head tied to the
   token embedding, N(0, 0.02) init with the residual projections (attention
   output, second MLP layer) scaled by 1/sqrt(2 * depth).
+- nanoGPT's own training runs (karpathy/nanoGPT 3adf61e) differ from GPT-2
+  in two switches: `use_bias=False` (train.py L56 `bias = False`, read by
+  model.py L116: no bias in any Linear or LayerNorm, model.py L18-27, L35-37,
+  L82-84) and `gelu='erf'` (model.py L83 `nn.GELU()`, PyTorch's exact form).
 - BERT (Devlin et al. 2018) as in Hugging Face's `modeling_bert.py`: word +
   position + token-type embeddings followed by a LayerNorm, post-LayerNorm
   blocks with eps 1e-12, exact (erf) GELU, and the MLM head (dense -> GELU ->
@@ -49,7 +53,8 @@ class TransformerConfig:
   causal: bool = True
   norm: str = 'pre'  # 'pre' (GPT-2) or 'post' (BERT).
   layer_norm_eps: float = 1e-5
-  gelu: str = 'tanh'  # 'tanh' (GPT-2's gelu_new) or 'erf' (BERT).
+  gelu: str = 'tanh'  # 'tanh' (GPT-2's gelu_new) or 'erf' (BERT, nanoGPT's nn.GELU()).
+  use_bias: bool = True  # Biases in every Linear and LayerNorm; False: nanoGPT's bias=False.
   type_vocab_size: int = 0  # Token-type (segment) embeddings; 0 = none.
   embed_norm: bool = False  # LayerNorm after summing the embeddings (BERT).
   head: str = 'tied'  # 'tied' (GPT-2: logits = h E^T) or 'mlm' (BERT's transform head).
@@ -96,10 +101,10 @@ def split_rng(rng: jax.Array | None, num: int) -> list[jax.Array | None]:
 
 
 def layer_norm(config: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """LayerNorm with the config's eps; exact variance (BERT's eps 1e-12 is tiny)."""
+  """LayerNorm with the config's eps (and bias); exact variance (BERT's eps 1e-12 is tiny)."""
   return nnx.LayerNorm(
       config.width, epsilon=config.layer_norm_eps, use_fast_variance=False,
-      dtype=config.dtype, rngs=rngs,
+      use_bias=config.use_bias, dtype=config.dtype, rngs=rngs,
       scale_init=partitioned(nnx.initializers.ones, 'embed'),
       bias_init=partitioned(nnx.initializers.zeros, 'embed'))
 
@@ -118,12 +123,14 @@ class Attention(nnx.Module):
     heads, head_dim = config.num_heads, config.width // config.num_heads
     normal = nnx.initializers.normal
     self.qkv = nnx.Einsum(
-        'btd,dkhe->btkhe', (config.width, 3, heads, head_dim), (3, heads, head_dim),
+        'btd,dkhe->btkhe', (config.width, 3, heads, head_dim),
+        (3, heads, head_dim) if config.use_bias else None,
         kernel_init=partitioned(normal(config.init_std), 'embed', None, 'heads', 'kv'),
         bias_init=partitioned(nnx.initializers.zeros, None, 'heads', 'kv'),
         dtype=config.dtype, rngs=rngs)
     self.proj = nnx.Einsum(
-        'bthe,hed->btd', (heads, head_dim, config.width), (config.width,),
+        'bthe,hed->btd', (heads, head_dim, config.width),
+        (config.width,) if config.use_bias else None,
         kernel_init=partitioned(normal(residual_std(config)), 'heads', 'kv', 'embed'),
         bias_init=partitioned(nnx.initializers.zeros, 'embed'),
         dtype=config.dtype, rngs=rngs)
@@ -161,11 +168,11 @@ class Mlp(nnx.Module):
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     normal = nnx.initializers.normal
     self.fc1 = nnx.Linear(
-        config.width, config.mlp_dim, dtype=config.dtype, rngs=rngs,
+        config.width, config.mlp_dim, use_bias=config.use_bias, dtype=config.dtype, rngs=rngs,
         kernel_init=partitioned(normal(config.init_std), 'embed', 'mlp'),
         bias_init=partitioned(nnx.initializers.zeros, 'mlp'))
     self.fc2 = nnx.Linear(
-        config.mlp_dim, config.width, dtype=config.dtype, rngs=rngs,
+        config.mlp_dim, config.width, use_bias=config.use_bias, dtype=config.dtype, rngs=rngs,
         kernel_init=partitioned(normal(residual_std(config)), 'mlp', 'embed'),
         bias_init=partitioned(nnx.initializers.zeros, 'embed'))
     self.approximate_gelu = config.gelu == 'tanh'
@@ -225,12 +232,12 @@ class TransformerLM(nnx.Module):
     self.final_norm = layer_norm(config, rngs=rngs) if config.norm == 'pre' else None
     if config.head == 'mlm':
       self.mlm_dense = nnx.Linear(
-          width, width, dtype=dtype, rngs=rngs,
+          width, width, use_bias=config.use_bias, dtype=dtype, rngs=rngs,
           kernel_init=partitioned(normal, 'embed', None),
           bias_init=partitioned(nnx.initializers.zeros, None))
       self.mlm_norm = layer_norm(config, rngs=rngs)
-      self.mlm_bias = nnx.Param(
-          partitioned(nnx.initializers.zeros, 'vocab')(rngs.params(), (config.vocab_size,)))
+      self.mlm_bias = nnx.Param(partitioned(nnx.initializers.zeros, 'vocab')(
+          rngs.params(), (config.vocab_size,))) if config.use_bias else None
     else:
       self.mlm_dense = self.mlm_norm = self.mlm_bias = None
 
@@ -258,7 +265,8 @@ class TransformerLM(nnx.Module):
     if self.mlm_dense is not None:
       approximate = self.config.gelu == 'tanh'
       hidden = self.mlm_norm(jax.nn.gelu(self.mlm_dense(hidden), approximate=approximate))
-      return self.token_embed.attend(hidden) + self.mlm_bias[...].astype(hidden.dtype)
+      if self.mlm_bias is not None:
+        return self.token_embed.attend(hidden) + self.mlm_bias[...].astype(hidden.dtype)
     return self.token_embed.attend(hidden)
 
   def __call__(self, tokens: jax.Array, *, token_types: jax.Array | None = None,
