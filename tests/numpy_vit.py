@@ -25,6 +25,7 @@ a deviation from the reference is caught at the tolerance they use.
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from scipy.special import erf
@@ -38,18 +39,24 @@ def to_numpy(array) -> np.ndarray:
 # ---------------------------------------------------------------- weights out of our modules
 
 
-def randomize_params(module, seed: int, scale: float = 0.2):
-  """Adds N(0, scale^2) to every nnx.Param in place, whatever the initialiser did.
+def build_with_random_params(constructor, seed: int, scale: float = 0.2):
+  """`constructor()`'s module with every nnx.Param drawn afresh, never run through its initialisers.
 
-  Zero biases and unit LayerNorm scales at init would hide a bias or scale
-  that is applied wrongly (or not at all); noise on everything exposes them.
+  LayerNorm scales are 1 + N(0, scale^2), every other parameter N(0, scale^2):
+  zero biases and unit scales (as at init) would hide a bias or a scale that
+  is applied wrongly, and skipping the initialisers (abstract build with
+  nnx.eval_shape) keeps the test independent of them and ~20x faster on CPU.
   """
-  params = nnx.state(module, nnx.Param)
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  noisy = [leaf + scale * jax.random.normal(key, leaf.shape, leaf.dtype)
-           for leaf, key in zip(leaves, keys, strict=True)]
-  nnx.update(module, jax.tree.unflatten(treedef, noisy))
+  with nnx.use_eager_sharding(False):
+    module = nnx.eval_shape(constructor)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(module, nnx.Param))
+  rng = np.random.default_rng(seed)
+  values = []
+  for path, leaf in leaves:
+    is_norm_scale = any(getattr(key, 'key', None) == 'scale' for key in path)
+    values.append(jnp.asarray(float(is_norm_scale) + scale * rng.normal(size=leaf.shape),
+                              leaf.dtype))
+  nnx.update(module, jax.tree.unflatten(treedef, values))
   return module
 
 

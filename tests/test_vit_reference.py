@@ -1,8 +1,8 @@
 """Our ViT against a float64 NumPy recomputation of the MAE/timm architecture (tests/numpy_vit.py).
 
-Every parameter is read out of the NNX module after random noise is added
-to all of them (so zero biases and unit norm scales cannot hide a bias or
-scale applied wrongly); the NumPy side never calls our code. float32
+Every parameter is drawn at random (zero biases and unit norm scales, as at
+init, could hide a bias or scale applied wrongly) and read back out of the
+NNX module; the NumPy side never calls our code. float32
 against float64 agrees to ~1e-6 of the output's scale; the tolerance is
 1e-5 of it, and `test_reference_deviations_are_caught` shows that the
 smallest deviations the reference guards against (LayerNorm eps 1e-5
@@ -42,10 +42,8 @@ def random_inputs(shape, seed=0, scale=1.0):
 
 
 def build(module_class, seed=0, **kwargs):
-  """A module with every parameter randomised (see ref.randomize_params)."""
-  with nnx.use_eager_sharding(False):
-    module = module_class(**kwargs, rngs=nnx.Rngs(seed))
-  return ref.randomize_params(module, seed + 100)
+  """A module with random parameters (see ref.build_with_random_params)."""
+  return ref.build_with_random_params(lambda: module_class(**kwargs, rngs=nnx.Rngs(0)), seed)
 
 
 def small_vit(posemb, image_size=None):
