@@ -50,6 +50,10 @@ def test_mae_local_config_learns(tmp_path):
   # (0.96-0.97) barely beats random init's 0.953 on these easy digits, too
   # little to assert a margin on; the log reports both.
   final = check_local_run(tmp_path, result, 1000, loss_drop=1.0, probes=('knn_top1',))
+  # The README's claim, "kNN 0.90 against 0.69 for a random encoder": hold the
+  # run to most of it (a 0.15 margin of the ~0.21 measured), not just to +0.01.
+  assert final['knn_top1'] >= 0.85, final
+  assert final['knn_top1'] >= final['knn_top1_random_init'] + 0.15, final
   print(f'\nMAE :local wall time {time.time() - start:.0f} s; {final}')
 
 
