@@ -170,6 +170,13 @@ def _local(config: ml_collections.ConfigDict) -> None:
   differ little between images, and 0.04 let the targets drift towards
   uniform), milder crops and jitter, and no solarization (it inverts the
   strokes of a digit).
+
+  Stochastic depth stays at the paper's 0.1 (here rates 0, 0.033, 0.067, 0.1
+  over the 4 blocks), so the CPU run trains the same student as the recipe
+  and the end-to-end tests exercise it. Measured on this job (one seed
+  each, 2 CPU cores): drop path 0.1 gave kNN 0.683 / linear 0.911, 0 gave
+  0.706 / 0.900, against 0.431 / 0.783 at random init: a difference within
+  the noise of 360 test digits, so nothing is bought by turning it off.
   """
   config.data.update(dict(
       source='digits:train', batch_size=128, image_size=16, channels=1,
@@ -185,6 +192,7 @@ def _local(config: ml_collections.ConfigDict) -> None:
   config.model.update(dict(
       patch_size=4, width=96, depth=4, num_heads=4, mlp_dim=192,
       out_dim=1024, head_hidden_dim=256, head_bottleneck_dim=64, head_use_bn=True,
+      drop_path_rate=0.1,          # The paper's: see above.
       warmup_teacher_temp=0.025, teacher_temp=0.025, warmup_teacher_temp_epochs=0.0,
       dtype='float32'))
   config.optim.update(dict(lr=1e-3, lr_scaling='none', min_lr=1e-5, warmup_epochs=None,

@@ -201,6 +201,7 @@ def test_dino_method_builds_a_dino_initialised_student():
 def test_drop_path_in_the_config_variants():
   assert dino_vit.get_config().model.drop_path_rate == 0.1  # main_dino.py default.
   assert dino_vit.get_config('vit_b16').model.drop_path_rate == 0.1
+  assert dino_vit.get_config('local').model.drop_path_rate == 0.1  # Measured: see _local.
 
 
 def test_boosted_vit_s16_variant_is_the_readme_command():
