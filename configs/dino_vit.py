@@ -1,14 +1,20 @@
 r"""DINO pretraining of a ViT (Caron et al. 2021, "Emerging Properties in Self-Supervised ViTs").
 
 Variants (`--config=configs/dino_vit.py:VARIANT`):
-  (none)   the paper recipe for ViT-S/16: ImageNet-1k, 2 global crops of 224 + 10 local
-           crops of 96, out_dim 65536, batch 1024, AdamW lr 5e-4 x batch/256, 100 epochs.
-           The paper's best ViT-S/16 (kNN 74.5, linear 77.0) trains 300 epochs:
-           `--config.train.epochs=300`.
-  vit_b16  ViT-B/16, otherwise the paper recipe (the paper's ViT-B/16 runs use lr 7.5e-4 at
-           batch 1024 and 400 epochs: `--config.optim.lr=0.00075 --config.train.epochs=400`).
-  local    a small ViT on the embedded digits (upsampled to 16 px, 8 px local crops):
-           minutes on 2 CPU cores.
+  (none)        the paper recipe for ViT-S/16: ImageNet-1k, 2 global crops of 224 + 10
+                local crops of 96, out_dim 65536, batch 1024, AdamW lr 5e-4 x batch/256,
+                stochastic depth 0.1 on the student, 100 epochs.
+  vit_s16_300ep the README's "Boosting DINO performance" command for ViT-S/16
+                (facebookresearch/dino README.md lines 185-202): 300 epochs, teacher
+                temperature 0.04 -> 0.07 over 30 epochs, `--norm_last_layer false`; it
+                reaches kNN 73.3 / linear 76.0 there. (The released ViT-S/16 checkpoint,
+                kNN 74.5 / linear 77.0 in the README's table, lines 24-27, is a
+                different run.)
+  vit_b16       ViT-B/16, otherwise the paper recipe (the paper's ViT-B/16 runs use lr
+                7.5e-4 at batch 1024 and 400 epochs:
+                `--config.optim.lr=0.00075 --config.train.epochs=400`).
+  local         a small ViT on the embedded digits (upsampled to 16 px, 8 px local
+                crops): minutes on 2 CPU cores.
 
   python -m ssl_jax.main --config=configs/dino_vit.py:local --workdir=/tmp/dino
 
@@ -92,6 +98,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       warmup_teacher_temp_epochs=30.0,
       center_momentum=0.9,
       teacher_momentum=0.996,      # Cosine to 1 over training.
+      # Stochastic depth of the student, rising linearly from 0 at the first block
+      # (main_dino.py line 105 `--drop_path_rate` default 0.1, passed to the student
+      # only, lines 162-166; vision_transformer.py line 150). The teacher never drops.
+      drop_path_rate=0.1,
       dtype='bfloat16',            # Compute dtype; parameters stay float32.
       remat=False,
   ))
@@ -118,11 +128,36 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == 'vit_b16':
     config.model.update(VIT_SIZES['B/16'])
+  elif variant == 'vit_s16_300ep':
+    _vit_s16_300ep(config)
   elif variant == 'local':
     _local(config)
   elif variant:
-    raise ValueError(f'Unknown variant {variant!r} of dino_vit.py: use vit_b16 or local.')
+    raise ValueError(f'Unknown variant {variant!r} of dino_vit.py: '
+                     'use vit_s16_300ep, vit_b16 or local.')
   return config
+
+
+def _vit_s16_300ep(config: ml_collections.ConfigDict) -> None:
+  """The README's boosted ViT-S/16 run: kNN 73.3, linear 76.0 (README.md line 202).
+
+  facebookresearch/dino README.md line 197:
+    python run_with_submitit.py --arch vit_small --epochs 300 --teacher_temp 0.07
+      --warmup_teacher_temp_epochs 30 --norm_last_layer false ...
+  Every flag it sets is here; the rest are main_dino.py's defaults, which the
+  default variant already has except one: `--local_crops_number` defaults to 8
+  (main_dino.py line 112), and the command does not set it. The batch is
+  run_with_submitit.py's 2 nodes x 8 GPUs (lines 29-30) x 64 per GPU
+  (main_dino.py line 90) = 1024, the default variant's.
+  """
+  config.model.update(VIT_SIZES['S/16'])     # --arch vit_small (patch 16: main_dino.py default).
+  config.train.epochs = 300.0                # --epochs 300
+  config.model.teacher_temp = 0.07           # --teacher_temp 0.07
+  config.model.warmup_teacher_temp = 0.04    # main_dino.py line 68 default (the warmup's start).
+  config.model.warmup_teacher_temp_epochs = 30.0  # --warmup_teacher_temp_epochs 30
+  config.model.norm_last_layer = False       # --norm_last_layer false (only safe with ViT-S).
+  config.model.drop_path_rate = 0.1          # main_dino.py line 105 default.
+  config.augment.num_local_crops = 8         # main_dino.py line 112 default, not set.
 
 
 def _local(config: ml_collections.ConfigDict) -> None:
@@ -135,6 +170,13 @@ def _local(config: ml_collections.ConfigDict) -> None:
   differ little between images, and 0.04 let the targets drift towards
   uniform), milder crops and jitter, and no solarization (it inverts the
   strokes of a digit).
+
+  Stochastic depth stays at the paper's 0.1 (here rates 0, 0.033, 0.067, 0.1
+  over the 4 blocks), so the CPU run trains the same student as the recipe
+  and the end-to-end tests exercise it. Measured on this job (one seed
+  each, 2 CPU cores): drop path 0.1 gave kNN 0.683 / linear 0.911, 0 gave
+  0.706 / 0.900, against 0.431 / 0.783 at random init: a difference within
+  the noise of 360 test digits, so nothing is bought by turning it off.
   """
   config.data.update(dict(
       source='digits:train', batch_size=128, image_size=16, channels=1,
@@ -150,6 +192,7 @@ def _local(config: ml_collections.ConfigDict) -> None:
   config.model.update(dict(
       patch_size=4, width=96, depth=4, num_heads=4, mlp_dim=192,
       out_dim=1024, head_hidden_dim=256, head_bottleneck_dim=64, head_use_bn=True,
+      drop_path_rate=0.1,          # The paper's: see above.
       warmup_teacher_temp=0.025, teacher_temp=0.025, warmup_teacher_temp_epochs=0.0,
       dtype='float32'))
   config.optim.update(dict(lr=1e-3, lr_scaling='none', min_lr=1e-5, warmup_epochs=None,

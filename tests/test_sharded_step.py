@@ -35,8 +35,10 @@ def tiny_simclr():
 
 def tiny_dino():
   config = dino_vit.get_config('local')
+  # drop_path_rate 0.5: the second block drops half its branches, with masks
+  # that must not depend on how the batch is sharded.
   config.model.update(dict(width=32, depth=2, num_heads=4, mlp_dim=64, out_dim=64,
-                           head_hidden_dim=32, head_bottleneck_dim=16))
+                           head_hidden_dim=32, head_bottleneck_dim=16, drop_path_rate=0.5))
   config.augment.num_local_crops = 2
   config.optim.freeze_steps = 0  # Freezing needs adamw; SGD keeps float noise small.
   return config

@@ -10,10 +10,13 @@ from 0.996 to 1 on a cosine. Centering (an EMA of the teacher's batch mean,
 from 0.04 to 0.07) together keep the outputs from collapsing.
 
 Follows facebookresearch/dino (main_dino.py: DINOLoss, train_one_epoch,
-DataAugmentationDINO; utils.py: cosine_scheduler, MultiCropWrapper).
-Differences: schedules are per step (the reference's teacher temperature
-changes per epoch); the ViT keeps this codebase's xavier-initialised linears
-(DINO: trunc-normal 0.02) and has no stochastic depth (DINO: drop path 0.1).
+DataAugmentationDINO; utils.py: cosine_scheduler, MultiCropWrapper;
+vision_transformer.py: the ViT). The ViT is initialised as DINO's
+(`init='dino'`: trunc-normal 0.02 linears, [CLS] and positions), and only
+the student drops paths (`model.drop_path_rate`, linear over the blocks;
+main_dino.py builds the student with `drop_path_rate=args.drop_path_rate`
+and the teacher without, lines 162-166). Difference: schedules are per step
+(the reference's teacher temperature changes per epoch).
 
 The teacher's weights are `TeacherWeight` variables, not `nnx.Param`: the
 trainer puts them in `model_state`, so they get no gradient and no
@@ -79,18 +82,22 @@ class DINONetwork(nnx.Module):
     self.backbone = backbone
     self.head = head
 
-  def __call__(self, crops: list[jax.Array], *, train: bool = True) -> jax.Array:
+  def __call__(self, crops: list[jax.Array], *, train: bool = True,
+               drop_path_key: jax.Array | None = None) -> jax.Array:
     """[(V_i, B, H_i, W_i, C)] crops grouped by size -> (sum V_i, B, out_dim) logits.
 
     As utils.MultiCropWrapper: one backbone pass per resolution, then one
     head pass over all [CLS] features. Each group is laid out example-major,
     (B * V_i, ...), so a batch sharded over devices stays local to them.
+    With `drop_path_key` the backbone drops paths (group i: fold_in(key, i)),
+    one draw per (example, view); without it (the teacher) it never does.
     """
     features = []
-    for views in crops:
+    for group, views in enumerate(crops):
       num_views, batch = views.shape[:2]
       flat = jnp.swapaxes(views, 0, 1).reshape(batch * num_views, *views.shape[2:])
-      cls = self.backbone(flat)['cls']  # (B * V_i, D)
+      key = None if drop_path_key is None else jax.random.fold_in(drop_path_key, group)
+      cls = self.backbone(flat, key)['cls']  # (B * V_i, D)
       features.append(jnp.swapaxes(cls.reshape(batch, num_views, -1), 0, 1))  # (V_i, B, D)
     features = jnp.concatenate(features)  # (V, B, D)
     num_views, batch, width = features.shape
@@ -104,6 +111,10 @@ class DINOModel(nnx.Module):
   def __init__(self, student: DINONetwork, out_dim: int):
     self.student = student
     self.teacher = retyped(student, nnx.Param, TeacherWeight)  # Starts equal to the student.
+    # The teacher is built without stochastic depth (main_dino.py line 166): its
+    # blocks have rate 0 even if a key reached them (the exported encoder too).
+    for block in self.teacher.backbone.encoder.blocks:
+      block.drop_path_rate = 0.0
     self.center = Center(jnp.zeros((1, out_dim), jnp.float32))
 
 
@@ -115,13 +126,17 @@ class DINO(Method):
 
   picture_name = 'attention'
 
-  def build_encoder(self, rngs: nnx.Rngs) -> ViT:
-    """A freshly initialised ViT (learned positions at the global crop size)."""
+  def build_encoder(self, rngs: nnx.Rngs, drop_path_rate: float = 0.0) -> ViT:
+    """A freshly initialised DINO ViT (learned positions at the global crop size).
+
+    The exported encoder is the teacher's backbone: no stochastic depth.
+    """
     m = self.config.model
     return ViT(patch_size=m.patch_size, channels=self.config.data.channels, width=m.width,
                depth=m.depth, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
                dtype=jnp.dtype(m.dtype), remat=m.remat, posemb='learned',
-               image_size=self.config.augment.global_size, rngs=rngs)
+               image_size=self.config.augment.global_size, init='dino',
+               drop_path_rate=drop_path_rate, rngs=rngs)
 
   def build(self, rngs: nnx.Rngs) -> DINOModel:
     """Student ViT + head, the teacher copy and a zero center."""
@@ -130,7 +145,8 @@ class DINO(Method):
                     bottleneck_dim=m.head_bottleneck_dim, num_layers=m.head_layers,
                     use_bn=m.head_use_bn, norm_last_layer=m.norm_last_layer,
                     dtype=jnp.dtype(m.dtype), rngs=rngs)
-    return DINOModel(DINONetwork(self.build_encoder(rngs), head), m.out_dim)
+    backbone = self.build_encoder(rngs, drop_path_rate=m.drop_path_rate)
+    return DINOModel(DINONetwork(backbone, head), m.out_dim)
 
   # ----------------------------------------------------------------------------
   # Schedules of this run.
@@ -175,10 +191,11 @@ class DINO(Method):
               step: jax.Array) -> tuple[jax.Array, Metrics]:
     """dino_loss of student vs teacher; updates the center in place (kept by the trainer)."""
     m = self.config.model
+    rng, drop_path_key = jax.random.split(rng)
     global_views, local_views = self.views(batch['image'], rng)
     crops = [global_views] + ([local_views] if local_views.shape[0] else [])
-    teacher = jax.lax.stop_gradient(model.teacher([global_views]))  # (2, B, K)
-    student = model.student(crops)  # (2 + n, B, K)
+    teacher = jax.lax.stop_gradient(model.teacher([global_views]))  # (2, B, K), no drop path
+    student = model.student(crops, drop_path_key=drop_path_key)  # (2 + n, B, K)
     temperature = self.teacher_temperature(step)
     center = model.center[...]
     loss = losses.dino_loss(student, teacher, center, m.student_temp, temperature)

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssl_jax.models.vit import partitioned, torch_trunc_normal
+from ssl_jax.models.vit import partitioned, torch_default_uniform, torch_trunc_normal
 
 
 def batch_norm(features: int, *, use_bias: bool = True, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -84,12 +84,7 @@ class WeightNormLinear(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, norm_fixed: bool = True,
                dtype=jnp.float32, rngs: nnx.Rngs):
-    bound = in_features ** -0.5
-
-    def symmetric_uniform(key, shape, dtype=jnp.float32):
-      return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    self.kernel = nnx.Param(partitioned(symmetric_uniform, 'embed', 'vocab')(
+    self.kernel = nnx.Param(partitioned(torch_default_uniform(in_features), 'embed', 'vocab')(
         rngs.params(), (in_features, out_features)))
     self.scale = None if norm_fixed else nnx.Param(
         partitioned(nnx.initializers.ones, None, 'vocab')(rngs.params(), (1, out_features)))
