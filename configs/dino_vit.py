@@ -7,7 +7,7 @@ Variants (`--config=configs/dino_vit.py:VARIANT`):
            `--config.train.epochs=300`.
   vit_b16  ViT-B/16, otherwise the paper recipe (the paper's ViT-B/16 runs use lr 7.5e-4 at
            batch 1024 and 400 epochs: `--config.optim.lr=0.00075 --config.train.epochs=400`).
-  local    a small ViT on the embedded digits (upsampled to 16 px, 8 px local crops):
+  local    a small ViT on the embedded 8 px digits (16 px global crops, 8 px local crops):
            minutes on 2 CPU cores.
 
   python -m ssl_jax.main --config=configs/dino_vit.py:local --workdir=/tmp/dino
@@ -41,14 +41,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       source='tfds:imagenet2012:train',
       tfds_dir=placeholder(str),
-      train_crop='center',         # The host only decodes; crops are made on device.
       batch_size=1024,             # Global, over all devices and hosts.
-      image_size=224,
+      image_size=224,              # Of the eval images; the crops' sizes are in augment.
       channels=3,
-      crop_scale=(0.08, 1.0),      # Host random crop, unused with train_crop='center'.
-      crop_ratio=(3 / 4, 4 / 3),
-      hflip=False,
-      interpolation='bicubic',     # DINO resizes every crop with bicubic.
+      interpolation='bicubic',     # DINO resizes every crop with bicubic (main_dino.py 436).
       eval_crop_fraction=0.875,
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
@@ -56,15 +52,18 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       prefetch=2,
   ))
 
-  # On-device multi-crop (ssl_jax/data/device_augment.py, dino_multi_crop).
+  # Multi-crop (DataAugmentationDINO, facebookresearch/dino main_dino.py lines
+  # 419-464). Every crop's geometry is made on the host from the whole decoded
+  # image (DINO.view_specs: RandomResizedCrop + flip); its colour on device,
+  # in the jitted step (device_augment.dino_colour).
   config.augment = ml_collections.ConfigDict(dict(
-      global_size=224,
-      local_size=96,
+      global_size=224,             # RandomResizedCrop(224, ...), main_dino.py lines 436, 443.
+      local_size=96,               # RandomResizedCrop(96, ...), line 452.
       num_local_crops=10,
-      global_crop_scale=(0.4, 1.0),   # The official default (the paper's 0.25-1 with 6 crops).
-      local_crop_scale=(0.05, 0.4),
-      crop_ratio=(3 / 4, 4 / 3),
-      flip_prob=0.5,
+      global_crop_scale=(0.4, 1.0),   # Official default, line 108 (paper: 0.25-1 with 6 crops).
+      local_crop_scale=(0.05, 0.4),   # Line 115.
+      crop_ratio=(3 / 4, 4 / 3),      # torchvision RandomResizedCrop's default ratio.
+      flip_prob=0.5,                  # RandomHorizontalFlip(p=0.5), line 422.
       brightness=0.4,
       contrast=0.4,
       saturation=0.2,
@@ -126,7 +125,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _local(config: ml_collections.ConfigDict) -> None:
-  """CPU scale: a 4-block ViT on 16 px digits, 8 px local crops, a few minutes on 2 cores.
+  """CPU scale: a 4-block ViT on the digits (16 px global, 8 px local crops), minutes on 2 cores.
 
   What it takes to learn on 1,437 tiny digits in a few hundred steps, each
   found by a collapsed run without it (the teacher's targets went uniform):
