@@ -12,7 +12,8 @@ so one copy of this script times any tree):
 
 Three figures, in this order, after `--warmup` steps (compile included):
   end_to_end  next(stream) -> put_batch -> step, for --steps steps (what training sees);
-  host        next(stream) alone, for --steps batches (the grain pipeline);
+  host        next() of a fresh stream without prefetch threads, for --steps batches
+              (the grain pipeline's work, in one thread);
   step        the step alone on one batch already on the device.
 The last stdout line is a JSON object with them (images/s). Timings on a
 shared CPU drift up to 2x between runs: compare trees in alternation.
@@ -91,15 +92,18 @@ def main() -> None:
   print(f'{args.config} batch {batch_size}: {train_data.description}', flush=True)
 
   def host_rate() -> float:
+    """Batches of a fresh stream read in this thread (no prefetch): the host's work."""
+    synchronous = config.copy_and_resolve_references()
+    synchronous.data.prefetch = 0
+    host_stream = iter(methods.create(synchronous).train_data(workdir).dataset)
+    next(host_stream)
     start = time.perf_counter()
     for _ in range(args.steps):
-      next(stream)
+      next(host_stream)
     return args.steps * batch_size / (time.perf_counter() - start)
 
   result = {'config': args.config, 'batch': batch_size}
   if args.host_only:
-    for _ in range(args.warmup):
-      next(stream)
     result['host'] = host_rate()
     print(json.dumps(result))
     return

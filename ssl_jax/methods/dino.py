@@ -164,7 +164,7 @@ class DINO(Method):
     # RandomResizedCrop(size, scale, bicubic) of the decoded image (lines 436,
     # 443, 452; ratio: torchvision's default 3/4-4/3) then RandomHorizontalFlip
     # (p 0.5, line 422); global scale (0.4, 1), local (0.05, 0.4) (lines
-    # 108-116). Its colour ops follow on device (`views`).
+    # 107-117). Its colour ops follow on device (`views`).
     a, interpolation = self.config.augment, self.config.data.interpolation
     shared = dict(crop_ratio=tuple(a.crop_ratio), flip_prob=a.flip_prob,
                   interpolation=interpolation)

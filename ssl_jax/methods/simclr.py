@@ -62,7 +62,9 @@ class SimCLR(Method):
     # google-research/simclr tf2/data_util.py: preprocess_for_train crops
     # (crop_and_resize, lines 298-320: area 0.08-1, aspect 3/4-4/3, bicubic)
     # and flips (line 469, p 0.5) the decoded image; data.py lines 54-58 make
-    # two such views of each image.
+    # two such views of each image. The box is drawn as torchvision draws it
+    # (10 tries, else a center crop); TF's sampler makes 100 tries, else the
+    # whole image: with scale 0.08-1 the first tries nearly always fit.
     a = self.config.augment
     keys = {'size': 'config.augment.size', 'crop_scale': 'config.augment.crop_scale',
             'crop_ratio': 'config.augment.crop_ratio',
