@@ -1,17 +1,19 @@
-"""Throughput of SimCLR two-view augmentation: on device (jitted, vmapped) vs on the host.
+"""Throughput of the colour part of SimCLR's two views: on device vs on the host.
 
 Run from the repository root:
 
   python -m benchmarks.device_augment_bench [--batch 256] [--size 32] [--rounds 7]
 
-The device side is `device_augment.augment_batch(..., simclr_view)` twice (two
-views), jitted, on a uint8 batch already on the device. The host side is what
-a PyTorch/grain worker does per image with Pillow: the torchvision-style crop
-from `ssl_jax.data.augment`, flip, ColorJitter through PIL.ImageEnhance and an
-HSV hue shift in a random order, RandomGrayscale and PIL's GaussianBlur. The
-two are timed in alternation within one run because this machine's speed
-drifts by up to 2x between runs; the table shows the median over rounds and
-the spread (min-max).
+SimCLR's views are cut on the host (random resized crop of the whole image +
+flip, `pipeline.MultiViewTransform`); their colour is made either on device,
+as the trainer does (`device_augment.augment_views(..., simclr_colour)`,
+jitted, on a uint8 (B, 2, S, S, 3) batch already on the device), or on the
+host as a PyTorch/grain worker would per view with Pillow: ColorJitter
+through PIL.ImageEnhance and an HSV hue shift in a random order,
+RandomGrayscale and PIL's GaussianBlur. The host geometry, the same for both,
+is timed on its own ('host crops' rows). The sides are timed in alternation
+within one run because this machine's speed drifts by up to 2x between runs;
+the table shows the median over rounds and the spread (min-max).
 """
 
 import argparse
@@ -22,7 +24,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from ssl_jax.data import augment
+from ssl_jax.data import augment, pipeline
 from ssl_jax.data import device_augment as da
 
 # name -> (jitter strength, blur probability): SimCLR's CIFAR-10 and ImageNet recipes.
@@ -52,11 +54,10 @@ def _host_jitter(image: Image.Image, rng: np.random.Generator, strength: float) 
   return image
 
 
-def host_view(image: np.ndarray, rng: np.random.Generator, size: int, strength: float,
-              blur_prob: float) -> np.ndarray:
-  """One SimCLR view of a uint8 (H, W, 3) image on the host -> float32 (size, size, 3)."""
-  crop = augment.random_resized_crop(image, rng, size, interpolation='bicubic')
-  pil = Image.fromarray(augment.horizontal_flip(crop, rng))
+def host_colour(view: np.ndarray, rng: np.random.Generator, strength: float,
+                blur_prob: float) -> np.ndarray:
+  """SimCLR's colour ops on one uint8 (S, S, 3) view on the host -> float32 (S, S, 3)."""
+  pil = Image.fromarray(view)
   if rng.random() < 0.8:
     pil = _host_jitter(pil, rng, strength)
   if rng.random() < 0.2:
@@ -66,27 +67,39 @@ def host_view(image: np.ndarray, rng: np.random.Generator, size: int, strength: 
   return np.asarray(pil, np.float32) / 255.0
 
 
-def host_two_views(images: np.ndarray, rng: np.random.Generator, size: int, strength: float,
-                   blur_prob: float) -> np.ndarray:
-  """uint8 (B, H, W, 3) -> float32 (2, B, size, size, 3) on the host."""
-  return np.stack([np.stack([host_view(x, rng, size, strength, blur_prob) for x in images])
-                   for _ in range(2)])
+def host_view(image: np.ndarray, rng: np.random.Generator, size: int, strength: float,
+              blur_prob: float) -> np.ndarray:
+  """One whole SimCLR view of a uint8 (H, W, 3) image on the host -> float32 (size, size, 3)."""
+  crop = augment.random_resized_crop(image, rng, size, interpolation='bicubic')
+  return host_colour(augment.horizontal_flip(crop, rng), rng, strength, blur_prob)
+
+
+def host_crops(images: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+  """uint8 (B, H, W, 3) -> uint8 (B, 2, size, size, 3): the trainer's host views."""
+  spec = pipeline.ViewSpec('views', 2, size, (0.08, 1.0), (3 / 4, 4 / 3), 0.5, 'bicubic')
+  transform = pipeline.MultiViewTransform((spec,), 3)
+  return np.stack([transform.random_map({'image': x, 'label': 0}, rng)['views']
+                   for x in images])
+
+
+def host_two_colours(views: np.ndarray, rng: np.random.Generator, strength: float,
+                     blur_prob: float) -> np.ndarray:
+  """uint8 (B, 2, S, S, 3) -> float32 (B, 2, S, S, 3), coloured on the host."""
+  return np.stack([[host_colour(v, rng, strength, blur_prob) for v in pair] for pair in views])
 
 
 # ---------------------------------------------------------------- device side ---
 
 
-def device_two_views(size: int, strength: float, blur_prob: float):
-  """A jitted (key, uint8 (B, H, W, C)) -> float32 (2, B, size, size, C) function."""
+def device_two_colours(strength: float, blur_prob: float):
+  """A jitted (key, uint8 (B, 2, S, S, C)) -> float32 (B, 2, S, S, C) function."""
 
   @jax.jit
-  def two_views(key: jax.Array, images: jax.Array) -> jax.Array:
-    key_1, key_2 = jax.random.split(key)
-    kwargs = dict(size=size, jitter_strength=strength, blur_prob=blur_prob)
-    return jax.numpy.stack([da.augment_batch(key_1, images, da.simclr_view, **kwargs),
-                            da.augment_batch(key_2, images, da.simclr_view, **kwargs)])
+  def two_colours(key: jax.Array, views: jax.Array) -> jax.Array:
+    return da.augment_views(key, views, da.simclr_colour, jitter_strength=strength,
+                            blur_prob=blur_prob)
 
-  return two_views
+  return two_colours
 
 
 # ---------------------------------------------------------------------- main ---
@@ -101,34 +114,44 @@ def main() -> None:
   args = parser.parse_args()
 
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
-  images_on_device = jax.device_put(images)
+  # Sources a little larger than the views, as photos are (4:3).
+  images = rng.integers(0, 256, (args.batch, args.size * 3 // 2, args.size * 2, 3), np.uint8)
+  views = host_crops(images, rng, args.size)
+  views_on_device = jax.device_put(views)
   print(f'{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}; '
-        f'batch {args.batch} of {args.size}x{args.size}x3 uint8, two views each')
+        f'batch {args.batch} of {images.shape[1]}x{images.shape[2]}x3 uint8, two views of '
+        f'{args.size}x{args.size} each')
 
-  device_fns, rates = {}, {}
+  device_fns, rates = {}, {'host crops': []}
   for name, (strength, blur_prob) in RECIPES.items():
-    device_fns[name] = device_two_views(args.size, strength, blur_prob)
+    device_fns[name] = device_two_colours(strength, blur_prob)
     start = time.perf_counter()
-    device_fns[name](jax.random.key(0), images_on_device).block_until_ready()
+    device_fns[name](jax.random.key(0), views_on_device).block_until_ready()
     print(f'compile + first call [{name}]: {time.perf_counter() - start:.1f} s')
     rates[name, 'device'], rates[name, 'host'] = [], []
 
   key = jax.random.key(1)
   for _ in range(args.rounds):
+    start = time.perf_counter()
+    host_crops(images, rng, args.size)
+    rates['host crops'].append(args.batch / (time.perf_counter() - start))
     for name, (strength, blur_prob) in RECIPES.items():
       # Device: a few calls per round, each on a fresh key, as in training.
       calls = 5
       start = time.perf_counter()
       for _ in range(calls):
         key, step_key = jax.random.split(key)
-        device_fns[name](step_key, images_on_device).block_until_ready()
+        device_fns[name](step_key, views_on_device).block_until_ready()
       rates[name, 'device'].append(calls * args.batch / (time.perf_counter() - start))
       start = time.perf_counter()
-      host_two_views(images, rng, args.size, strength, blur_prob)
+      host_two_colours(views, rng, strength, blur_prob)
       rates[name, 'host'].append(args.batch / (time.perf_counter() - start))
 
-  print(f'\n{"recipe":28s} {"side":7s} {"images/s (median)":>18s} {"min-max":>17s} {"x host":>7s}')
+  crops = rates.pop('host crops')
+  print(f'\nhost crops (both sides, 1 thread): {statistics.median(crops):,.0f} images/s '
+        f'({min(crops):,.0f}-{max(crops):,.0f})')
+  print(f'\n{"colour of 2 views":28s} {"side":7s} {"images/s (median)":>18s} {"min-max":>17s} '
+        f'{"x host":>7s}')
   for name in RECIPES:
     host = statistics.median(rates[name, 'host'])
     for side in ('device', 'host'):

@@ -1,20 +1,23 @@
-"""SimCLR train-step throughput with the two views made on device vs made on the host.
+"""SimCLR train-step throughput with the views' colour made on device vs on the host.
 
 Run from the repository root:
 
   python -m benchmarks.simclr_step_bench [--config configs/simclr_resnet.py:cifar10]
       [--batch 128] [--rounds 5] [--steps 5]
 
-- on device: the real jitted train step (ssl_jax.train.make_train_step); the
-  step receives the uint8 batch and augments both views inside jit.
-- on host: the same encoder, projection head and NT-Xent in one jitted step
-  that receives two float views already augmented on the host, one image at a
-  time with Pillow (benchmarks/device_augment_bench.host_view), as a PyTorch
-  DataLoader worker would; the host time is counted, single-threaded.
+Both sides cut the two views on the host, one image at a time with Pillow
+(random resized crop of the whole image + flip), single-threaded and timed:
+- colour on device (the trainer's design): `pipeline.MultiViewTransform` of
+  the method's `view_specs`, then the real jitted train step
+  (ssl_jax.train.make_train_step), which colours both views inside jit;
+- colour on host: the same encoder, projection head and NT-Xent in one jitted
+  step that receives two float views made wholly on the host with Pillow
+  (benchmarks/device_augment_bench.host_view), as a PyTorch DataLoader
+  worker would.
 
 Both are timed in alternation in one run (this machine's speed drifts by up
 to 2x between runs); the table gives the median images/s over rounds and the
-spread. Images are random uint8 at the config's image size.
+spread. Images are random uint8, 4:3, with a short side of the view size.
 """
 
 import argparse
@@ -30,6 +33,7 @@ from flax import nnx
 
 from benchmarks.device_augment_bench import host_view
 from ssl_jax import losses, methods, sharding, train
+from ssl_jax.data import pipeline
 
 
 def build(config):
@@ -55,7 +59,7 @@ def build(config):
     return {**state, 'params': optax.apply_updates(state['params'], updates),
             'opt_state': opt_state}, loss
 
-  return mesh, state, device_step, views_step
+  return method, mesh, state, device_step, views_step
 
 
 def main():
@@ -74,17 +78,20 @@ def main():
   config.model.dtype = 'float32' if jax.default_backend() == 'cpu' else config.model.dtype
   config = train.resolve_config(config, num_train_examples=50_000)
   a = config.augment
-  size, channels = config.data.image_size, config.data.channels
+  size, channels = a.size, config.data.channels
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (args.batch, size, size, channels), np.uint8)
+  images = rng.integers(0, 256, (args.batch, size, size * 4 // 3, channels), np.uint8)
   labels = rng.integers(0, 10, args.batch).astype(np.int32)
-  mesh, state, device_step, views_step = build(config)
-  batch = sharding.put_batch({'image': images, 'label': labels}, mesh)
+  method, mesh, state, device_step, views_step = build(config)
+  transform = pipeline.MultiViewTransform(method.view_specs(), channels)
   key = jax.random.key(0)
 
   def run_device():
     nonlocal state
     for _ in range(args.steps):
+      views = np.stack([transform.random_map({'image': x, 'label': 0}, rng)['views']
+                        for x in images])  # (B, 2, S, S, C) uint8
+      batch = sharding.put_batch({'views': views, 'label': labels}, mesh)
       state, metrics = device_step(state, batch, key)
     jax.block_until_ready(metrics['loss'])
 
@@ -96,11 +103,11 @@ def main():
       state, loss = views_step(state, jnp.asarray(views))
     jax.block_until_ready(loss)
 
-  print(f'{config.method} {args.config}: batch {args.batch} of {size}x{size}x{channels}, '
+  print(f'{config.method} {args.config}: batch {args.batch} of {images.shape[1:]}, views {size}px, '
         f'{jax.device_count()} {jax.default_backend()} device(s); compiling...', flush=True)
   run_device()
   run_host()
-  rates = {'views on device (in the jitted step)': [], 'views on host (Pillow, 1 thread)': []}
+  rates = {'colour on device (in the jitted step)': [], 'colour on host (Pillow, 1 thread)': []}
   for _ in range(args.rounds):
     for name, run in zip(rates, (run_device, run_host), strict=True):
       start = time.perf_counter()

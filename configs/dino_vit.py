@@ -1,19 +1,21 @@
 r"""DINO pretraining of a ViT (Caron et al. 2021, "Emerging Properties in Self-Supervised ViTs").
 
 Variants (`--config=configs/dino_vit.py:VARIANT`):
-  (none)        the paper recipe for ViT-S/16: ImageNet-1k, 2 global crops of 224 + 10
-                local crops of 96, out_dim 65536, batch 1024, AdamW lr 5e-4 x batch/256,
-                stochastic depth 0.1 on the student, 100 epochs.
+  (none)        the README's vanilla ViT-S/16 run (facebookresearch/dino README.md lines
+                162-165: main_dino.py's defaults on 8 GPUs x 64): ImageNet-1k, 2 global
+                crops of 224 + 8 local crops of 96, out_dim 65536, batch 512, AdamW lr
+                5e-4 x batch/256, teacher temperature 0.04, stochastic depth 0.1 on the
+                student, 100 epochs; it reaches kNN 69.3 / linear 74.0 there.
   vit_s16_300ep the README's "Boosting DINO performance" command for ViT-S/16
-                (facebookresearch/dino README.md lines 185-202): 300 epochs, teacher
-                temperature 0.04 -> 0.07 over 30 epochs, `--norm_last_layer false`; it
+                (README.md lines 185-202): 300 epochs, teacher temperature 0.04 -> 0.07
+                over 30 epochs, `--norm_last_layer false`, batch 1024 (2 nodes); it
                 reaches kNN 73.3 / linear 76.0 there. (The released ViT-S/16 checkpoint,
                 kNN 74.5 / linear 77.0 in the README's table, lines 24-27, is a
-                different run.)
-  vit_b16       ViT-B/16, otherwise the paper recipe (the paper's ViT-B/16 runs use lr
-                7.5e-4 at batch 1024 and 400 epochs:
-                `--config.optim.lr=0.00075 --config.train.epochs=400`).
-  local         a small ViT on the embedded digits (upsampled to 16 px, 8 px local
+                different, 800-epoch run.)
+  vit_b16       ViT-B/16 as the README's command (line 180: 2 nodes x 8 GPUs, batch 1024),
+                otherwise main_dino.py's defaults (the paper's ViT-B/16 runs use lr
+                7.5e-4 and 400 epochs: `--config.optim.lr=0.00075 --config.train.epochs=400`).
+  local         a small ViT on the embedded 8 px digits (16 px global crops, 8 px local
                 crops): minutes on 2 CPU cores.
 
   python -m ssl_jax.main --config=configs/dino_vit.py:local --workdir=/tmp/dino
@@ -47,14 +49,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       source='tfds:imagenet2012:train',
       tfds_dir=placeholder(str),
-      train_crop='center',         # The host only decodes; crops are made on device.
-      batch_size=1024,             # Global, over all devices and hosts.
-      image_size=224,
+      batch_size=512,              # Global: 8 GPUs x --batch_size_per_gpu 64 (main_dino.py l. 90).
+      image_size=224,              # Of the eval images; the crops' sizes are in augment.
       channels=3,
-      crop_scale=(0.08, 1.0),      # Host random crop, unused with train_crop='center'.
-      crop_ratio=(3 / 4, 4 / 3),
-      hflip=False,
-      interpolation='bicubic',     # DINO resizes every crop with bicubic.
+      interpolation='bicubic',     # DINO resizes every crop with bicubic (main_dino.py 436).
       eval_crop_fraction=0.875,
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
@@ -62,15 +60,18 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       prefetch=2,
   ))
 
-  # On-device multi-crop (ssl_jax/data/device_augment.py, dino_multi_crop).
+  # Multi-crop (DataAugmentationDINO, facebookresearch/dino main_dino.py lines
+  # 419-464). Every crop's geometry is made on the host from the whole decoded
+  # image (DINO.view_specs: RandomResizedCrop + flip); its colour on device,
+  # in the jitted step (device_augment.dino_colour).
   config.augment = ml_collections.ConfigDict(dict(
-      global_size=224,
-      local_size=96,
-      num_local_crops=10,
-      global_crop_scale=(0.4, 1.0),   # The official default (the paper's 0.25-1 with 6 crops).
-      local_crop_scale=(0.05, 0.4),
-      crop_ratio=(3 / 4, 4 / 3),
-      flip_prob=0.5,
+      global_size=224,             # RandomResizedCrop(224, ...), main_dino.py lines 436, 443.
+      local_size=96,               # RandomResizedCrop(96, ...), line 452.
+      num_local_crops=8,           # --local_crops_number (main_dino.py line 112).
+      global_crop_scale=(0.4, 1.0),   # Official default, line 108 (paper: 0.25-1 with 6 crops).
+      local_crop_scale=(0.05, 0.4),   # Line 115.
+      crop_ratio=(3 / 4, 4 / 3),      # torchvision RandomResizedCrop's default ratio.
+      flip_prob=0.5,                  # RandomHorizontalFlip(p=0.5), line 422.
       brightness=0.4,
       contrast=0.4,
       saturation=0.2,
@@ -93,9 +94,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       head_use_bn=False,
       norm_last_layer=True,        # Weight-normalised last layer with its norm fixed to 1.
       student_temp=0.1,
-      warmup_teacher_temp=0.04,
-      teacher_temp=0.07,
-      warmup_teacher_temp_epochs=30.0,
+      warmup_teacher_temp=0.04,    # main_dino.py lines 68-76: 0.04, constant, by default;
+      teacher_temp=0.04,           # the paper's 0.04 -> 0.07 over 30 epochs is the
+      warmup_teacher_temp_epochs=0.0,  # vit_s16_300ep variant.
       center_momentum=0.9,
       teacher_momentum=0.996,      # Cosine to 1 over training.
       # Stochastic depth of the student, rising linearly from 0 at the first block
@@ -128,6 +129,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
   if variant == 'vit_b16':
     config.model.update(VIT_SIZES['B/16'])
+    config.data.batch_size = 1024  # run_with_submitit.py: 2 nodes x 8 GPUs x 64.
   elif variant == 'vit_s16_300ep':
     _vit_s16_300ep(config)
   elif variant == 'local':
@@ -145,10 +147,8 @@ def _vit_s16_300ep(config: ml_collections.ConfigDict) -> None:
     python run_with_submitit.py --arch vit_small --epochs 300 --teacher_temp 0.07
       --warmup_teacher_temp_epochs 30 --norm_last_layer false ...
   Every flag it sets is here; the rest are main_dino.py's defaults, which the
-  default variant already has except one: `--local_crops_number` defaults to 8
-  (main_dino.py line 112), and the command does not set it. The batch is
-  run_with_submitit.py's 2 nodes x 8 GPUs (lines 29-30) x 64 per GPU
-  (main_dino.py line 90) = 1024, the default variant's.
+  default variant has. The batch is run_with_submitit.py's 2 nodes x 8 GPUs
+  (lines 29-30) x 64 per GPU (main_dino.py line 90) = 1024.
   """
   config.model.update(VIT_SIZES['S/16'])     # --arch vit_small (patch 16: main_dino.py default).
   config.train.epochs = 300.0                # --epochs 300
@@ -158,10 +158,11 @@ def _vit_s16_300ep(config: ml_collections.ConfigDict) -> None:
   config.model.norm_last_layer = False       # --norm_last_layer false (only safe with ViT-S).
   config.model.drop_path_rate = 0.1          # main_dino.py line 105 default.
   config.augment.num_local_crops = 8         # main_dino.py line 112 default, not set.
+  config.data.batch_size = 1024              # run_with_submitit.py: 2 nodes x 8 GPUs x 64.
 
 
 def _local(config: ml_collections.ConfigDict) -> None:
-  """CPU scale: a 4-block ViT on 16 px digits, 8 px local crops, a few minutes on 2 cores.
+  """CPU scale: a 4-block ViT on the digits (16 px global, 8 px local crops), minutes on 2 cores.
 
   What it takes to learn on 1,437 tiny digits in a few hundred steps, each
   found by a collapsed run without it (the teacher's targets went uniform):

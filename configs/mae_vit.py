@@ -34,7 +34,6 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       source='tfds:imagenet2012:train',
       tfds_dir=placeholder(str),
-      train_crop='random_resized',  # Host-side augmentation (MAE needs no more).
       batch_size=4096,             # Global, over all devices and hosts.
       image_size=224,
       channels=3,

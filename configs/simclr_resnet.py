@@ -33,14 +33,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(
       source='tfds:imagenet2012:train',
       tfds_dir=placeholder(str),
-      train_crop='center',         # The host only decodes; views are made on device.
       batch_size=4096,             # Global, over all devices and hosts.
-      image_size=224,
+      image_size=224,              # Of the eval images; the views' size is augment.size.
       channels=3,
-      crop_scale=(0.08, 1.0),      # Host random crop, unused with train_crop='center'.
-      crop_ratio=(3 / 4, 4 / 3),
-      hflip=False,
-      interpolation='bicubic',     # SimCLR resizes crops with bicubic.
+      interpolation='bicubic',     # SimCLR resizes crops with bicubic (data_util.py line 320).
       eval_crop_fraction=0.875,
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
@@ -48,12 +44,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       prefetch=2,
   ))
 
-  # On-device views (ssl_jax/data/device_augment.py, simclr_view).
+  # The two views. Geometry on the host, from the whole decoded image
+  # (SimCLR.view_specs; google-research/simclr tf2/data_util.py crop_and_resize,
+  # lines 298-320, and the flip at line 469); colour on device, in the jitted
+  # step (device_augment.simclr_colour; data_util.py lines 53-75, 382-410).
   config.augment = ml_collections.ConfigDict(dict(
-      size=224,
-      crop_scale=(0.08, 1.0),
-      crop_ratio=(3 / 4, 4 / 3),
-      flip=True,
+      size=224,                    # Each view is cropped and resized straight to this.
+      crop_scale=(0.08, 1.0),      # area_range, data_util.py line 316.
+      crop_ratio=(3 / 4, 4 / 3),   # aspect_ratio_range, line 315.
+      flip=True,                   # random_flip_left_right (p 0.5), line 469.
       jitter_strength=1.0,         # Brightness/contrast/saturation 0.8 s, hue 0.2 s.
       jitter_prob=0.8,
       grayscale_prob=0.2,

@@ -8,7 +8,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   """A CPU-sized `config.data` with the keys the real configs define."""
   data = dict(source='digits:train', tfds_dir=None, batch_size=32, image_size=12, channels=1,
               crop_scale=(0.35, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=True,
-              eval_crop_fraction=1.0, interpolation='bilinear', train_crop='random_resized',
+              eval_crop_fraction=1.0, interpolation='bilinear',
               num_workers=0, prefetch=2)
   data.update(overrides)
   return ml_collections.ConfigDict(data)

@@ -281,12 +281,3 @@ def test_eval_batches_when_a_process_has_no_examples(tmp_path):
   assert [len(r) for r in runs] == [1, 1, 1]
   assert [int(r[0]['valid'].sum()) for r in runs] == [1, 1, 0]
 
-
-def test_center_train_crop_only_decodes_and_crops(indexed_npz):
-  spec, images = indexed_npz
-  data = data_config(source=spec, batch_size=10, channels=3, image_size=10,
-                     train_crop='center')
-  batch = next(iter(pipeline.train_dataset(data, seed=0)[0]))
-  # 10x10 sources at 10 px: the host hands over the images untouched, in shuffled order.
-  for image, label in zip(batch['image'], batch['label'], strict=True):
-    np.testing.assert_array_equal(image, images[label])

@@ -311,3 +311,27 @@ def test_sharded_batch_gives_the_single_device_views():
   sharded = _views(jax.random.key(5), sharded_images, 0.5)
   assert sharded.sharding.spec == P('data')
   np.testing.assert_allclose(sharded, single, atol=1e-5)  # per-device batch sizes differ
+
+
+@jax.jit
+def _coloured_views(key, views):
+  return da.augment_views(key, views, da.simclr_colour, blur_prob=0.5)
+
+
+def test_host_views_get_one_key_per_view_and_example():
+  # SimCLR's device step: view v of example b is coloured with split(split(key, V)[v], B)[b].
+  views = np.random.default_rng(11).integers(0, 256, (4, 2, 12, 12, 3), dtype=np.uint8)
+  key = jax.random.key(6)
+  got = np.asarray(_coloured_views(key, views))
+  assert got.shape == (4, 2, 12, 12, 3)
+  for v, view_key in enumerate(jax.random.split(key, 2)):
+    for b, example_key in enumerate(jax.random.split(view_key, 4)):
+      want = da.simclr_colour(example_key, jnp.asarray(views[b, v], jnp.float32) / 255,
+                              blur_prob=0.5)
+      np.testing.assert_allclose(got[b, v], np.asarray(want), atol=1e-6)
+  # The two views of an image differ (own keys), and no view is cropped or moved:
+  # with colour off the host's pixels pass through.
+  assert (np.abs(got[:, 0] - got[:, 1]).max(axis=(1, 2, 3)) > 0.01).all()
+  plain = da.augment_views(key, views, da.simclr_colour, jitter_prob=0.0, grayscale_prob=0.0,
+                           blur_prob=0.0)
+  np.testing.assert_allclose(np.asarray(plain), views / 255, atol=1e-6)

@@ -100,13 +100,15 @@ def test_train_step_leaves_the_teacher_to_the_ema(tiny):
   method = methods.create(config)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   schedule, tx = train.build_optimizer(config)
-  images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 1), np.uint8)
+  rng = np.random.default_rng(1)
+  host_views = {'global_views': rng.integers(0, 256, (8, 2, 16, 16, 1), np.uint8),
+                'local_views': rng.integers(0, 256, (8, 2, 8, 8, 1), np.uint8)}
   with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
     graphdef, shardings = train.state_shardings_and_graphdef(method, tx, mesh, config.seed)
     state = train.init_train_state(method, tx, shardings, config.seed)
     before = jax.device_get(flat(state['model_state']) | flat(state['params']))
     step_fn = train.make_train_step(method, graphdef, tx, schedule, shardings, mesh)
-    batch = sharding.put_batch({'image': images, 'label': np.zeros(8, np.int32)}, mesh)
+    batch = sharding.put_batch(host_views | {'label': np.zeros(8, np.int32)}, mesh)
     state, metrics = step_fn(state, batch, jax.random.key(0))
     after = jax.device_get(flat(state['model_state']) | flat(state['params']))
   assert not any('teacher' in jax.tree_util.keystr(path)
@@ -155,7 +157,10 @@ def test_collapse_monitor(tiny):
 def test_attention_picture_and_features(tiny):
   config, method, model = tiny
   images = np.random.default_rng(2).integers(0, 256, (8, 16, 16, 1), np.uint8)
-  arrays = method.visualize(model, {'image': jnp.asarray(images)}, jax.random.key(0))
+  # The first global crop of each image, as the host cut it.
+  batch = {'global_views': jnp.asarray(np.stack([images, 255 - images], axis=1))}
+  arrays = method.visualize(model, batch, jax.random.key(0))
+  np.testing.assert_allclose(np.asarray(arrays['images']), (images / 255 - 0.5) / 0.5, atol=1e-6)
   attention = np.asarray(arrays['attention'])
   assert attention.shape == (8, config.model.num_heads, 4, 4)
   # [CLS] -> patch weights: a softmax row without its [CLS] -> [CLS] entry.

@@ -227,3 +227,20 @@ def test_boosted_vit_s16_variant_is_the_readme_command():
   assert abstract.student.head.last_layer.scale.shape == (1, 65536)
   assert abstract.teacher.head.last_layer.scale.shape == (1, 65536)
   assert dino_vit.get_config().model.norm_last_layer is True
+
+
+def test_default_variant_is_the_readme_vanilla_command():
+  """README.md lines 162-165: main_dino.py --arch vit_small on 8 GPUs, every other flag its
+  default (lines 57-117): 8 local crops, teacher temperature 0.04 throughout, batch 8 x 64."""
+  config = dino_vit.get_config()
+  m = config.model
+  assert (m.patch_size, m.width, m.depth, m.num_heads) == (16, 384, 12, 6)
+  assert (m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs) == (
+      0.04, 0.04, 0.0)
+  assert config.augment.num_local_crops == 8
+  assert tuple(config.augment.global_crop_scale) == (0.4, 1.0)
+  assert tuple(config.augment.local_crop_scale) == (0.05, 0.4)
+  assert config.data.batch_size == 512 and config.train.epochs == 100.0
+  assert m.norm_last_layer is True and m.teacher_momentum == 0.996
+  assert config.optim.lr == 5e-4 and config.optim.min_lr == 1e-6
+  assert dino_vit.get_config('vit_b16').data.batch_size == 1024

@@ -1,5 +1,6 @@
-"""DINO's building blocks: the head, learned ViT positions and the multi-crop views."""
+"""DINO's building blocks: the head, learned ViT positions and the multi-crop colour ops."""
 
+import itertools
 import math
 
 import jax
@@ -120,41 +121,47 @@ def test_learned_position_vit_params_and_local_crops():
         posemb='learned', rngs=nnx.Rngs(0))
 
 
-MULTI_CROP = dict(global_size=16, local_size=8, num_local_crops=3, blur_kernel_size=5,
-                  blur_sigma=(0.1, 1.0), interpolation='bilinear')
+COLOUR = dict(blur_kernel_size=5, blur_sigma=(0.1, 1.0))
 
 
-def test_multi_crop_shapes_distinct_views_and_reproducible():
-  images = np.random.default_rng(4).integers(0, 256, (4, 20, 20, 3), np.uint8)
-  crop = jax.jit(lambda key: da.dino_multi_crop(key, images, **MULTI_CROP))
-  global_views, local_views = crop(jax.random.key(0))
-  assert global_views.shape == (2, 4, 16, 16, 3) and local_views.shape == (3, 4, 8, 8, 3)
-  for views in (global_views, local_views):
-    assert float(views.min()) >= 0.0 and float(views.max()) <= 1.0
-    flat = np.asarray(views).reshape(views.shape[0] * 4, -1)
-    # Every view of every image differs from every other one.
-    distances = np.abs(flat[:, None] - flat[None]).mean(-1)
-    assert distances[~np.eye(len(flat), dtype=bool)].min() > 1e-3
-  again = crop(jax.random.key(0))
+def test_colour_of_host_crops_shapes_distinct_views_and_reproducible():
+  rng = np.random.default_rng(4)
+  # Each image's crops are all the same pixels: only the colour ops tell its views apart.
+  image = rng.integers(0, 256, (4, 1, 16, 16, 3), np.uint8)
+  global_crops = np.repeat(image, 2, axis=1)  # (4, 2, 16, 16, 3)
+  local_crops = np.repeat(image[:, :, 4:12, 4:12], 3, axis=1)  # (4, 3, 8, 8, 3)
+  colour = jax.jit(lambda key: da.dino_colour(key, global_crops, local_crops, **COLOUR))
+  global_views, local_views = colour(jax.random.key(0))
+  assert global_views.shape == (4, 2, 16, 16, 3) and local_views.shape == (4, 3, 8, 8, 3)
+  for views, crops in ((global_views, global_crops), (local_views, local_crops)):
+    views = np.asarray(views)
+    assert views.min() >= 0.0 and views.max() <= 1.0
+    # One key per view and example: an image's views are coloured differently. (Two
+    # views both left untouched, p <= 0.2 x 0.8 x 0.5 each, would be equal.)
+    for a, b in itertools.combinations(range(views.shape[1]), 2):
+      assert (np.abs(views[:, a] - views[:, b]).max(axis=(1, 2, 3)) > 1e-3).mean() >= 0.75
+    changed = np.abs(views - crops / 255).max(axis=(2, 3, 4)) > 1e-3  # (B, V)
+    assert changed.mean() > 0.6  # Colour jitter alone has p 0.8.
+  again = colour(jax.random.key(0))
   np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(global_views))
   np.testing.assert_array_equal(np.asarray(again[1]), np.asarray(local_views))
-  other = crop(jax.random.key(1))
+  other = colour(jax.random.key(1))
   assert np.abs(np.asarray(other[1]) - np.asarray(local_views)).mean() > 1e-2
 
 
-def test_multi_crop_global_views_follow_their_probabilities():
+def test_colour_of_global_views_follows_their_probabilities():
   """View 1 is always blurred, never solarized; view 2 solarized with p 0.2."""
   images = np.full((256, 16, 16, 1), 200, np.uint8)  # Flat bright images: blur is a no-op.
   images[:, :8] = 30  # A horizontal edge that blur softens.
-  plain = dict(MULTI_CROP, global_crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0),
-               blur_sigma=(1.0, 2.0),  # Always visible at the edge.
+  plain = dict(COLOUR, blur_sigma=(1.0, 2.0),  # Always visible at the edge.
                brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, jitter_prob=0.0,
-               grayscale_prob=0.0, flip_prob=0.0, num_local_crops=0)
+               grayscale_prob=0.0)
+  crops = np.stack([images, images], axis=1)  # (256, 2, 16, 16, 1), as the host cut them.
   global_views, local_views = jax.jit(
-      lambda key: da.dino_multi_crop(key, images, **plain))(jax.random.key(5))
-  assert local_views.shape == (0, 256, 8, 8, 1)
+      lambda key: da.dino_colour(key, crops, None, **plain))(jax.random.key(5))
+  assert local_views is None
   original = images / 255.0
-  first, second = np.asarray(global_views)
+  first, second = np.asarray(global_views).swapaxes(0, 1)
   blurred = np.abs(first - original).max(axis=(1, 2, 3)) > 1e-3
   assert blurred.all()
   solarized = (second[:, 12, 0, 0] < 0.5)  # The bright half, inverted.

@@ -1,6 +1,6 @@
 """Recipe values that the reference code fixes, each checked by what it does."""
 
-
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -84,3 +84,29 @@ def test_simclr_objective_is_the_references_sum_of_two_directions():
   np.testing.assert_allclose(objective, numpy_simclr_objective(z1, z2, 0.5), rtol=1e-5)
   np.testing.assert_allclose(
       objective, 2 * float(losses.ntxent_loss(jnp.asarray(z1), jnp.asarray(z2), 0.5)), rtol=1e-6)
+
+
+def test_simclr_method_optimises_twice_ntxent():
+  """The SimCLR method's contrastive loss is 2 x ntxent_loss of its own projections."""
+  from flax import nnx
+
+  from ssl_jax import methods, sharding
+
+  config = simclr_resnet.get_config('local')
+  method = methods.create(config)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
+    model = method.build(nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  size, channels = config.augment.size, config.data.channels
+  batch = {'views': jnp.asarray(rng.integers(0, 256, (16, 2, size, size, channels), np.uint8)),
+           'label': jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
+  key = jax.random.key(1)
+  with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
+    reference = nnx.clone(model)
+    _, metrics = method.loss_fn(model, batch, key, jnp.asarray(0))
+    views = method._views(batch['views'], key)  # The same colour as inside loss_fn.
+    features = reference.encoder(views.reshape(32, *views.shape[2:]), train=True)['pooled']
+    z = reference.projector(features, train=True).reshape(16, 2, -1)
+  ntxent = float(losses.ntxent_loss(z[:, 0], z[:, 1], config.model.temperature))
+  np.testing.assert_allclose(float(metrics['loss']), 2 * ntxent, rtol=1e-5)

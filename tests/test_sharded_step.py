@@ -56,22 +56,30 @@ def tiny_config(method: str, optimizer: str, mesh_shape: dict):
   return train.resolve_config(config, num_train_examples=1437)
 
 
+def random_batch(method, config, rng) -> dict[str, np.ndarray]:
+  """A host batch of random pixels in the method's layout: its views, or one image."""
+  channels, specs = config.data.channels, method.view_specs()
+  shapes = ({spec.name: (BATCH, spec.count, spec.size, spec.size, channels) for spec in specs}
+            if specs else {'image': (BATCH, config.data.image_size, config.data.image_size,
+                                     channels)})
+  batch = {name: rng.integers(0, 256, shape, np.uint8) for name, shape in shapes.items()}
+  return batch | {'label': rng.integers(0, 10, BATCH, np.int32)}
+
+
 def run_steps(config, devices, num_steps=2):
   """Losses of `num_steps` steps and the final variables, as host arrays."""
   method = methods.create(config)
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   schedule, tx = train.build_optimizer(config)
-  size, channels = config.data.image_size, config.data.channels
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (num_steps, BATCH, size, size, channels), np.uint8)
-  labels = rng.integers(0, 10, (num_steps, BATCH), np.int32)
+  batches = [random_batch(method, config, rng) for _ in range(num_steps)]
   with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
     graphdef, shardings = train.state_shardings_and_graphdef(method, tx, mesh, config.seed)
     state = train.init_train_state(method, tx, shardings, config.seed)
     step_fn = train.make_train_step(method, graphdef, tx, schedule, shardings, mesh)
     losses = []
     for i in range(num_steps):
-      batch = sharding.put_batch({'image': images[i], 'label': labels[i]}, mesh)
+      batch = sharding.put_batch(batches[i], mesh)
       state, metrics = step_fn(state, batch, jax.random.key(7))
       losses.append(float(metrics['loss']))
     variables = jax.device_get({'params': nnx.to_pure_dict(state['params']),

@@ -11,15 +11,14 @@ the parameter and applies it with probability `p`.
 Semantics follow torchvision, which DINO (facebookresearch/dino, main_dino.py,
 DataAugmentationDINO) and most PyTorch SimCLR ports use; where SimCLR's own
 TensorFlow code (google-research/simclr, tf2/data_util.py) differs, the
-function's docstring says how. Multi-crop methods build each kind of crop from
-`view` with its own arguments, e.g. DINO (main_dino.py, DataAugmentationDINO):
+function's docstring says how.
 
-  jitter = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-                jitter_prob=0.8, grayscale_prob=0.2)
-  global_1 = dict(size=224, crop_scale=(0.4, 1.0), blur_prob=1.0, **jitter)
-  global_2 = dict(size=224, crop_scale=(0.4, 1.0), blur_prob=0.1, solarize_prob=0.2, **jitter)
-  local = dict(size=96, crop_scale=(0.05, 0.4), blur_prob=0.5, **jitter)
-  views = [augment_batch(k, images, view, **global_1), ...]
+SimCLR and DINO train on views the HOST cuts from the whole decoded image
+(random resized crop + flip, `pipeline.ViewSpec`); on device they only get
+their colour (`photometric`: jitter, grayscale, blur, solarize), one key per
+view and example: `simclr_colour` via `augment_views`, and `dino_colour`.
+The geometric ops here (`random_resized_crop`, `view`) remain as a library,
+e.g. to crop on device images that are already resident there.
 """
 
 import functools
@@ -312,22 +311,16 @@ def solarize(key: jax.Array, image: jax.Array, p: float, threshold: float = 0.5)
 # ------------------------------------------------------------ composed views ---
 
 
-def view(key: jax.Array, image: jax.Array, *, size: int,
-         crop_scale: tuple[float, float] = (0.08, 1.0),
-         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), interpolation: str = 'bicubic',
-         flip_prob: float = 0.5, brightness: float = 0.0, contrast: float = 0.0,
-         saturation: float = 0.0, hue: float = 0.0, jitter_prob: float = 0.0,
-         grayscale_prob: float = 0.0, blur_prob: float = 0.0,
-         blur_sigma: tuple[float, float] = (0.1, 2.0), blur_kernel_size: int | None = None,
-         solarize_prob: float = 0.0) -> jax.Array:
-  """One random view of one (H, W, C) image -> (size, size, C), in BYOL/DINO/SimCLR order."""
-  # crop, flip, colour jitter, grayscale, blur, solarize: the order of SimCLR's
-  # preprocess_for_train + random_blur and of DINO's DataAugmentationDINO.
-  # Ops with probability 0 are left out of the program (they would be no-ops).
-  crop_key, flip_key, jitter_key, gray_key, blur_key, solarize_key = jax.random.split(key, 6)
-  image = random_resized_crop(crop_key, image, size, crop_scale, crop_ratio, interpolation)
-  if flip_prob > 0:
-    image = horizontal_flip(flip_key, image, flip_prob)
+def photometric(key: jax.Array, image: jax.Array, *, brightness: float = 0.0,
+                contrast: float = 0.0, saturation: float = 0.0, hue: float = 0.0,
+                jitter_prob: float = 0.0, grayscale_prob: float = 0.0, blur_prob: float = 0.0,
+                blur_sigma: tuple[float, float] = (0.1, 2.0), blur_kernel_size: int | None = None,
+                solarize_prob: float = 0.0) -> jax.Array:
+  """The colour part of a view of (H, W, C): jitter, grayscale, blur, solarize, in that order."""
+  # The order of SimCLR's preprocess_for_train + random_blur and of DINO's
+  # DataAugmentationDINO after their crop and flip. Ops with probability 0 are
+  # left out of the program (they would be no-ops).
+  jitter_key, gray_key, blur_key, solarize_key = jax.random.split(key, 4)
   if jitter_prob > 0:
     image = color_jitter(jitter_key, image, brightness, contrast, saturation, hue, jitter_prob)
   if grayscale_prob > 0:
@@ -336,24 +329,45 @@ def view(key: jax.Array, image: jax.Array, *, size: int,
     image = gaussian_blur(blur_key, image, blur_prob, blur_sigma, blur_kernel_size)
   if solarize_prob > 0:
     image = solarize(solarize_key, image, solarize_prob)
-  return image  # (size, size, C)
+  return image
+
+
+def view(key: jax.Array, image: jax.Array, *, size: int,
+         crop_scale: tuple[float, float] = (0.08, 1.0),
+         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), interpolation: str = 'bicubic',
+         flip_prob: float = 0.5, **colour) -> jax.Array:
+  """One random view of one (H, W, C) image -> (size, size, C): crop, flip, `photometric`."""
+  crop_key, flip_key, colour_key = jax.random.split(key, 3)
+  image = random_resized_crop(crop_key, image, size, crop_scale, crop_ratio, interpolation)
+  if flip_prob > 0:
+    image = horizontal_flip(flip_key, image, flip_prob)
+  return photometric(colour_key, image, **colour)  # (size, size, C)
+
+
+def simclr_colour(key: jax.Array, image: jax.Array, *, jitter_strength: float = 1.0,
+                  jitter_prob: float = 0.8, grayscale_prob: float = 0.2,
+                  blur_prob: float = 0.5) -> jax.Array:
+  """SimCLR's colour distortion and blur of one (H, W, C) view; defaults: ImageNet."""
+  # SimCLR (Chen et al. 2020, appendix A; tf2/data_util.py color_jitter and
+  # random_color_jitter, lines 53-75 and 382-390): brightness, contrast,
+  # saturation 0.8 s and hue 0.2 s for strength s (1.0 on ImageNet, 0.5 on
+  # CIFAR-10), applied with p 0.8, then grayscale with p 0.2; blur (lines
+  # 393-410) with p 0.5 on ImageNet only (pass 0 for CIFAR).
+  return photometric(key, image, brightness=0.8 * jitter_strength,
+                     contrast=0.8 * jitter_strength, saturation=0.8 * jitter_strength,
+                     hue=0.2 * jitter_strength, jitter_prob=jitter_prob,
+                     grayscale_prob=grayscale_prob, blur_prob=blur_prob)
 
 
 def simclr_view(key: jax.Array, image: jax.Array, *, size: int,
                 crop_scale: tuple[float, float] = (0.08, 1.0),
                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
-                jitter_strength: float = 1.0, jitter_prob: float = 0.8,
-                grayscale_prob: float = 0.2, blur_prob: float = 0.5,
-                interpolation: str = 'bicubic') -> jax.Array:
-  """One SimCLR view of (H, W, C) -> (size, size, C); defaults are the ImageNet recipe."""
-  # SimCLR (Chen et al. 2020, appendix A; data_util.color_jitter): brightness,
-  # contrast, saturation 0.8 s and hue 0.2 s for strength s (1.0 on ImageNet,
-  # 0.5 on CIFAR-10); blur with p 0.5 on ImageNet only (pass 0 for CIFAR).
-  return view(key, image, size=size, crop_scale=crop_scale, crop_ratio=crop_ratio,
-              interpolation=interpolation, flip_prob=0.5 if flip else 0.0,
-              brightness=0.8 * jitter_strength, contrast=0.8 * jitter_strength,
-              saturation=0.8 * jitter_strength, hue=0.2 * jitter_strength,
-              jitter_prob=jitter_prob, grayscale_prob=grayscale_prob, blur_prob=blur_prob)
+                interpolation: str = 'bicubic', **colour) -> jax.Array:
+  """A whole SimCLR view of (H, W, C) cropped on device -> (size, size, C) (a library op)."""
+  crop_key, colour_key = jax.random.split(key)
+  image = view(crop_key, image, size=size, crop_scale=crop_scale, crop_ratio=crop_ratio,
+               interpolation=interpolation, flip_prob=0.5 if flip else 0.0)
+  return simclr_colour(colour_key, image, **colour)
 
 
 def augment_batch(key: jax.Array, images: jax.Array,
@@ -368,69 +382,67 @@ def augment_batch(key: jax.Array, images: jax.Array,
   return jax.vmap(functools.partial(view_fn, **view_kwargs))(keys, images.astype(jnp.float32))
 
 
-def dino_multi_crop(key: jax.Array, images: jax.Array, *, global_size: int, local_size: int,
-                    num_local_crops: int,
-                    global_crop_scale: tuple[float, float] = (0.4, 1.0),
-                    local_crop_scale: tuple[float, float] = (0.05, 0.4),
-                    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                    interpolation: str = 'bicubic', flip_prob: float = 0.5,
-                    brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
-                    hue: float = 0.1, jitter_prob: float = 0.8, grayscale_prob: float = 0.2,
-                    global_blur_probs: tuple[float, float] = (1.0, 0.1),
-                    global_solarize_probs: tuple[float, float] = (0.0, 0.2),
-                    local_blur_prob: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
-                    blur_kernel_size: int | None = None
-                    ) -> tuple[jax.Array, jax.Array]:
-  """uint8 (B, H, W, C) -> DINO's (2, B, G, G, C) global and (n, B, L, L, C) local views.
+def augment_views(key: jax.Array, views: jax.Array, view_fn: Callable[..., jax.Array],
+                  **view_kwargs) -> jax.Array:
+  """uint8 (B, V, H, W, C) host views -> float32 (B, V, H', W', C), one key per view and example.
 
-  DataAugmentationDINO (facebookresearch/dino, main_dino.py); the defaults
-  are its ImageNet settings. Every crop is flip + colour jitter (p 0.8) +
-  grayscale (p 0.2) after a random resized crop: the two global crops
-  (scale 0.4-1) are blurred with p 1.0 and 0.1 and the second is solarized
-  with p 0.2; the local crops (scale 0.05-0.4, at the small size) are
-  blurred with p 0.5. Each view has its own key and each example its own
-  key within a view. The local crops are one `vmap` over their keys, so the
-  compiled program holds one local-view pipeline, not n (and one global one).
+  View v of example b gets key split(split(key, V)[v], B)[b]. The V views
+  are one `vmap`, so the program holds one `view_fn`, not V.
+  """
+  if views.ndim != 5:
+    raise ValueError(f'augment_views expects (B, V, H, W, C) views, got shape {views.shape}')
+  keys = jax.random.split(key, views.shape[1])  # (V,)
+  return jax.vmap(lambda view_key, images: augment_batch(view_key, images, view_fn, **view_kwargs),
+                  in_axes=(0, 1), out_axes=1)(keys, views)
 
-  Args:
-    key: PRNG key of this batch's views.
-    images: uint8 (or [0, 1] float) images, (B, H, W, C).
-    global_size: side G of the global crops (224); `local_size` L of the local ones (96).
-    local_size: see global_size.
-    num_local_crops: n (10); 0 gives a (0, B, L, L, C) array.
-    global_crop_scale: area fractions of the global crops; `local_crop_scale` of the local.
-    local_crop_scale: see global_crop_scale.
-    crop_ratio, interpolation, flip_prob, brightness, contrast, saturation, hue,
-      jitter_prob, grayscale_prob, blur_sigma (PIL's radius, in output pixels),
-      blur_kernel_size: as `view`, for every crop.
-    global_blur_probs: blur probabilities of the first and second global crop.
-    global_solarize_probs: solarization probabilities of the two global crops.
-    local_blur_prob: blur probability of every local crop.
+
+def dino_colour(key: jax.Array, global_views: jax.Array, local_views: jax.Array | None, *,
+                brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.2,
+                hue: float = 0.1, jitter_prob: float = 0.8, grayscale_prob: float = 0.2,
+                global_blur_probs: tuple[float, float] = (1.0, 0.1),
+                global_solarize_probs: tuple[float, float] = (0.0, 0.2),
+                local_blur_prob: float = 0.5, blur_sigma: tuple[float, float] = (0.1, 2.0),
+                blur_kernel_size: int | None = None) -> tuple[jax.Array, jax.Array | None]:
+  """DINO's colour ops on the host's crops: uint8 (B, 2, G, G, C), (B, n, L, L, C) -> float32.
+
+  DataAugmentationDINO (facebookresearch/dino, main_dino.py lines 419-464);
+  the defaults are its ImageNet settings. Every crop gets colour jitter (p
+  0.8) and grayscale (p 0.2) after its crop and flip (lines 421-428, made on
+  the host); the two global crops are blurred with p 1.0 and 0.1 and the
+  second is solarized with p 0.2 (lines 438-446); the local crops are
+  blurred with p 0.5 (line 454). `blur_sigma` is PIL's radius, in output
+  pixels (utils.py GaussianBlur). Each view has its own key and each
+  example its own key within a view.
 
   Returns:
-    (global views (2, B, G, G, C), local views (n, B, L, L, C)), float32 in [0, 1].
+    (global views (B, 2, G, G, C), local views (B, n, L, L, C) or None when
+    `local_views` is None), float32 in [0, 1].
   """
-  shared = dict(crop_ratio=crop_ratio, interpolation=interpolation, flip_prob=flip_prob,
-                brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+  if global_views.shape[1] != len(global_blur_probs):
+    raise ValueError(f'{global_views.shape[1]} global views but {len(global_blur_probs)} '
+                     'global blur probabilities')
+  jitter = dict(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
                 jitter_prob=jitter_prob, grayscale_prob=grayscale_prob)
   # The two global views differ only in their blur and solarize probabilities:
-  # passed as arrays, one vmapped program makes both (compiling a view costs
+  # passed as arrays, one vmapped program colours both (compiling a view costs
   # seconds on CPU; running it, milliseconds).
-  def global_view(view_key: jax.Array, image: jax.Array, blur_prob: jax.Array,
-                  solarize_prob: jax.Array) -> jax.Array:
+  def global_colour(view_key: jax.Array, image: jax.Array, blur_prob: jax.Array,
+                    solarize_prob: jax.Array) -> jax.Array:
     view_key, blur_key, solarize_key = jax.random.split(view_key, 3)
-    image = view(view_key, image, size=global_size, crop_scale=global_crop_scale, **shared)
+    image = photometric(view_key, image, **jitter)
     image = gaussian_blur(blur_key, image, blur_prob, blur_sigma, blur_kernel_size)
     return solarize(solarize_key, image, solarize_prob)
 
-  global_keys = jax.random.split(jax.random.fold_in(key, 0), 2)
-  global_views = jax.vmap(lambda view_key, blur_prob, solarize_prob: augment_batch(
-      view_key, images, global_view, blur_prob=blur_prob, solarize_prob=solarize_prob))(
-          global_keys, jnp.asarray(global_blur_probs, jnp.float32),
+  global_keys = jax.random.split(jax.random.fold_in(key, 0), global_views.shape[1])
+  global_out = jax.vmap(
+      lambda view_key, images, blur_prob, solarize_prob: augment_batch(
+          view_key, images, global_colour, blur_prob=blur_prob, solarize_prob=solarize_prob),
+      in_axes=(0, 1, 0, 0), out_axes=1)(
+          global_keys, global_views, jnp.asarray(global_blur_probs, jnp.float32),
           jnp.asarray(global_solarize_probs, jnp.float32))
-  local_keys = jax.random.split(jax.random.fold_in(key, 1), num_local_crops)
-  local_views = jax.vmap(lambda view_key: augment_batch(
-      view_key, images, view, size=local_size, crop_scale=local_crop_scale,
-      blur_prob=local_blur_prob, blur_sigma=blur_sigma, blur_kernel_size=blur_kernel_size,
-      **shared))(local_keys)
-  return global_views, local_views
+  if local_views is None:
+    return global_out, None
+  local_out = augment_views(jax.random.fold_in(key, 1), local_views, photometric,
+                            blur_prob=local_blur_prob, blur_sigma=blur_sigma,
+                            blur_kernel_size=blur_kernel_size, **jitter)
+  return global_out, local_out

@@ -6,6 +6,12 @@ Train stream, the same on every process and every machine for one seed:
          -> random_resized_crop [+ flip] + channels (rng = f(seed, position))
          -> every process_count-th element from process_index -> batch
 
+The crop step makes one image of `data.image_size` (MAE), or, when the method
+declares `ViewSpec`s (SimCLR, DINO), every view of every spec, each a random
+resized crop of the whole decoded image cut straight to its own size (the
+torchvision / tf.data pipelines of the references do the same); the colour
+part of those views is left to the jitted step (data/device_augment.py).
+
 The shuffle and the augmentation happen on the GLOBAL stream and each process
 then takes its strided share (as torch's DistributedSampler does). So within
 an epoch the processes' shares are disjoint, and global batch k -- the union
@@ -18,8 +24,8 @@ The iterator's state is one integer, the global position in that stream
 very same batches, even with another num_workers or process_count.
 
 Config keys read from `config.data`: source, tfds_dir, batch_size (global),
-image_size, channels, crop_scale, crop_ratio, hflip, eval_crop_fraction,
-interpolation, train_crop, num_workers, prefetch.
+image_size, channels, crop_scale, crop_ratio, hflip (these three only without
+view specs), eval_crop_fraction, interpolation, num_workers, prefetch.
 """
 
 import dataclasses
@@ -33,17 +39,14 @@ import numpy as np
 
 from ssl_jax.data import augment
 from ssl_jax.data.images import DataError, ImageSource, open_image_source
+from ssl_jax.errors import ConfigError
 
 Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainTransform(grain.transforms.RandomMap):
-  """Random-resized crop + optional flip (or a fixed center crop), then channels.
-
-  `train_crop='center'` is for methods that augment on device (SimCLR, DINO):
-  the host only decodes and takes the center square at `image_size`.
-  """
+  """Random-resized crop + optional flip at `image_size`, then channels (MAE's train view)."""
 
   image_size: int
   crop_scale: tuple[float, float]
@@ -51,20 +54,67 @@ class TrainTransform(grain.transforms.RandomMap):
   hflip: bool
   channels: int
   interpolation: str = 'bilinear'
-  train_crop: str = 'random_resized'
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     """Augments one {'image', 'label'} example with grain's per-position rng."""
-    if self.train_crop == 'center':
-      image = augment.center_crop_resize(element['image'], self.image_size, 1.0,
-                                         self.interpolation)
-    else:
-      image = augment.random_resized_crop(
-          element['image'], rng, self.image_size, self.crop_scale, self.crop_ratio,
-          self.interpolation)
-      if self.hflip:
-        image = augment.horizontal_flip(image, rng)
+    image = augment.random_resized_crop(
+        element['image'], rng, self.image_size, self.crop_scale, self.crop_ratio,
+        self.interpolation)
+    if self.hflip:
+      image = augment.horizontal_flip(image, rng)
     return {'image': augment.to_channels(image, self.channels), 'label': element['label']}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
+  """`count` views per image, each a random resized crop of the WHOLE image + a flip.
+
+  The batch carries them as `name`: uint8 (B, count, size, size, C). A crop
+  box follows torchvision's RandomResizedCrop (`crop_scale` of the image's
+  area, aspect ratio log-uniform in `crop_ratio`), is cut from the decoded
+  image and resized once, straight to `size` (Pillow, `interpolation`), then
+  mirrored with probability `flip_prob`. `config_keys` maps a field to the
+  config key it came from, so that a bad value is reported by its key.
+  """
+
+  name: str
+  count: int
+  size: int
+  crop_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  flip_prob: float
+  interpolation: str
+  config_keys: dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
+
+  def check(self) -> None:
+    """Raises ConfigError naming the config key of the first impossible field."""
+    for field in ('count', 'size', 'crop_scale', 'crop_ratio', 'flip_prob', 'interpolation'):
+      ok, expected = _VALID[field]
+      value = getattr(self, field)
+      if not ok(value):
+        key = self.config_keys.get(field, f'{field} of the view spec {self.name!r}')
+        raise ConfigError(f'{key}={value!r}; expected {expected}')
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiViewTransform(grain.transforms.RandomMap):
+  """Every view of every spec from one whole image, in spec order, then channels."""
+
+  specs: tuple[ViewSpec, ...]
+  channels: int
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """{'image', 'label'} -> {spec.name: uint8 (count, size, size, C), 'label'}."""
+    image, out = element['image'], {'label': element['label']}
+    for spec in self.specs:
+      views = []
+      for _ in range(spec.count):  # Crop then flip, view after view, as DataAugmentationDINO.
+        view = augment.random_resized_crop(image, rng, spec.size, spec.crop_scale,
+                                           spec.crop_ratio, spec.interpolation)
+        view = augment.horizontal_flip(view, rng, spec.flip_prob)
+        views.append(augment.to_channels(view, self.channels))
+      out[spec.name] = np.stack(views)  # (count, size, size, C)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,27 +135,31 @@ class EvalTransform(grain.transforms.Map):
 
 
 _TRAIN_KEYS = ('image_size', 'channels', 'crop_scale', 'crop_ratio', 'interpolation',
-               'train_crop', 'num_workers', 'prefetch')
+               'num_workers', 'prefetch')
+_VIEW_TRAIN_KEYS = ('channels', 'num_workers', 'prefetch')  # The specs hold the rest.
 _EVAL_KEYS = ('image_size', 'channels', 'eval_crop_fraction', 'interpolation', 'prefetch')
+
+_VALID = {
+    'image_size': (lambda v: v > 0, 'a positive int'),
+    'size': (lambda v: isinstance(v, int) and v > 0, 'a positive int'),
+    'count': (lambda v: isinstance(v, int) and v > 0, 'a positive int'),
+    'channels': (lambda v: v in (1, 3), '1 or 3'),
+    'crop_scale': (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+                   '(low, high) with 0 < low <= high <= 1'),
+    'crop_ratio': (lambda v: len(v) == 2 and 0 < v[0] <= v[1], '(low, high), 0 < low <= high'),
+    'flip_prob': (lambda v: 0 <= v <= 1, 'a probability in [0, 1]'),
+    'eval_crop_fraction': (lambda v: 0 < v <= 1, 'in (0, 1]'),
+    'interpolation': (lambda v: v in augment.INTERPOLATIONS,
+                      f'one of {sorted(augment.INTERPOLATIONS)}'),
+    'num_workers': (lambda v: v >= 0, '>= 0'),
+    'prefetch': (lambda v: v >= 0, '>= 0'),
+}
 
 
 def _check_config(data: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
   """Raises DataError naming the first of `data.<keys>` with an impossible value."""
-  valid = {
-      'image_size': (lambda v: v > 0, 'a positive int'),
-      'channels': (lambda v: v in (1, 3), '1 or 3'),
-      'crop_scale': (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
-                     '(low, high) with 0 < low <= high <= 1'),
-      'crop_ratio': (lambda v: len(v) == 2 and 0 < v[0] <= v[1], '(low, high), 0 < low <= high'),
-      'eval_crop_fraction': (lambda v: 0 < v <= 1, 'in (0, 1]'),
-      'train_crop': (lambda v: v in ('random_resized', 'center'), "'random_resized' or 'center'"),
-      'interpolation': (lambda v: v in augment.INTERPOLATIONS,
-                        f'one of {sorted(augment.INTERPOLATIONS)}'),
-      'num_workers': (lambda v: v >= 0, '>= 0'),
-      'prefetch': (lambda v: v >= 0, '>= 0'),
-  }
   for key in keys:
-    ok, expected = valid[key]
+    ok, expected = _VALID[key]
     if not ok(data[key]):
       raise DataError(f'config.data.{key}={data[key]!r}; expected {expected}')
 
@@ -131,17 +185,26 @@ def train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    views: tuple[ViewSpec, ...] | None = None,
 ) -> tuple[grain.IterDataset, ImageSource]:
   """The infinite, shuffled, augmented train stream of this process, and its source.
 
   `iter()` of the returned dataset gives batches {'image': uint8 (b, S, S, C),
-  'label': int32 (b,)} with b = data.batch_size // process_count; the iterator
+  'label': int32 (b,)} with b = data.batch_size // process_count, S =
+  data.image_size; with `views`, {spec.name: uint8 (b, spec.count, spec.size,
+  spec.size, C) for each spec, 'label': int32 (b,)} instead. The iterator
   supports get_state()/set_state() and grain.checkpoint.CheckpointSave/Restore.
   It is one iterator per dataset (grain's ElasticIterator): `iter()` twice
   gives the same object, so call train_dataset again for an independent one.
   Every user error (bad source, batch size) is raised here, not at next().
   """
-  _check_config(data, _TRAIN_KEYS)
+  _check_config(data, _VIEW_TRAIN_KEYS if views else _TRAIN_KEYS)
+  for spec in views or ():
+    spec.check()
+  if views is not None and (not views or len({spec.name for spec in views}) < len(views)
+                            or {spec.name for spec in views} & {'label', 'image'}):
+    raise ConfigError(f'view specs {[spec.name for spec in views]}: expected at least one, '
+                      "with distinct names other than 'label' and 'image'")
   batch_size = per_process_batch_size(data.batch_size, process_count, 'config.data.batch_size')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
@@ -153,10 +216,13 @@ def train_dataset(
         f'{source.name} has {len(source)} images, fewer than one global batch of '
         f'config.data.batch_size={data.batch_size} ({batch_size} per process x '
         f'{process_count} processes); lower the batch size or use more data')
-  transform = TrainTransform(
-      image_size=data.image_size, crop_scale=tuple(data.crop_scale),
-      crop_ratio=tuple(data.crop_ratio), hflip=data.hflip, channels=data.channels,
-      interpolation=data.interpolation, train_crop=data.train_crop)
+  if views:
+    transform = MultiViewTransform(tuple(views), data.channels)
+  else:
+    transform = TrainTransform(
+        image_size=data.image_size, crop_scale=tuple(data.crop_scale),
+        crop_ratio=tuple(data.crop_ratio), hflip=data.hflip, channels=data.channels,
+        interpolation=data.interpolation)
   # Decode and augment one example now so an unreadable source fails here.
   transform.random_map(source[0], np.random.default_rng(0))
 
@@ -189,11 +255,15 @@ def process_stream(dataset: grain.MapDataset, data: ml_collections.ConfigDict,
 
 
 def describe_train(data: ml_collections.ConfigDict, source: ImageSource,
-                   process_count: int = 1) -> str:
+                   process_count: int = 1, views: tuple[ViewSpec, ...] | None = None) -> str:
   """A one-line summary of the train pipeline for logs."""
   classes = f'{source.num_classes} classes' if source.has_labels else 'no labels'
-  if data.train_crop == 'center':
-    crop = f'center crop {data.image_size}px {data.interpolation} (augmented on device)'
+  if views:
+    crop = ' + '.join(
+        f'{spec.name} {spec.count} x random_resized_crop {spec.size}px {spec.interpolation} '
+        f'scale={tuple(spec.crop_scale)} ratio=({spec.crop_ratio[0]:.3g}, '
+        f'{spec.crop_ratio[1]:.3g}) flip p={spec.flip_prob:g}' for spec in views
+    ) + ' of the whole image (colour on device)'
   else:
     crop = (f'random_resized_crop {data.image_size}px {data.interpolation} '
             f'scale={tuple(data.crop_scale)} ratio=({data.crop_ratio[0]:.3g}, '

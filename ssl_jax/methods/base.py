@@ -47,14 +47,23 @@ class Method(abc.ABC):
   # ----------------------------------------------------------------------------
   # Data.
   # ----------------------------------------------------------------------------
+  def view_specs(self) -> tuple[pipeline.ViewSpec, ...] | None:
+    """The views the host cuts from each whole image, or None for one `data.image_size` crop.
+
+    Each spec becomes a batch entry `spec.name` of shape (B, count, size,
+    size, C) in place of `image`; the method colours them in `loss_fn`.
+    """
+    return None
+
   def train_data(self, workdir: epath.Path) -> TrainData:
-    """The train stream: by default the image pipeline of `config.data`."""
+    """The train stream: by default the image pipeline of `config.data` and `view_specs`."""
     del workdir
+    views = self.view_specs()
     dataset, source = pipeline.train_dataset(
         self.config.data, seed=self.config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    return TrainData(dataset, len(source),
-                     pipeline.describe_train(self.config.data, source, jax.process_count()))
+        process_count=jax.process_count(), views=views)
+    return TrainData(dataset, len(source), pipeline.describe_train(
+        self.config.data, source, jax.process_count(), views=views))
 
   # ----------------------------------------------------------------------------
   # Model and loss.

@@ -1,8 +1,10 @@
 """SimCLR (Chen et al. 2020): contrast two augmented views of every image.
 
-Each image of the global batch is augmented twice on device, inside the
-jitted step (random resized crop, flip, colour jitter, grayscale, blur), each
-view with its own key. A ResNet encodes both views in one batch of 2N (so
+Each image gives two views. Their geometry is made on the host from the whole
+decoded image (`view_specs`: a random resized crop cut straight to the view
+size, then a flip, in the grain pipeline), their colour on device inside the
+jitted step (colour jitter, grayscale, blur), each view of each image with
+its own key. A ResNet encodes both views in one batch of 2N (so
 BatchNorm statistics are those of the whole global batch, across devices),
 a projection MLP maps them to z, and NT-Xent pulls the two views of an image
 together against all 2N - 2 other views. An online linear probe on
@@ -20,6 +22,7 @@ from flax import nnx
 from ssl_jax import losses
 from ssl_jax.data import device_augment
 from ssl_jax.data.normalize import denormalize
+from ssl_jax.data.pipeline import ViewSpec
 from ssl_jax.eval.pictures import image_grid
 from ssl_jax.methods.base import Batch, Method, Metrics
 from ssl_jax.models.heads import LinearProbe, ProjectionMLP, probe_loss_and_accuracy
@@ -49,7 +52,7 @@ class SimCLRModel(nnx.Module):
 
 
 class SimCLR(Method):
-  """The SimCLR method: two on-device views, NT-Xent over the global batch."""
+  """The SimCLR method: two views of every image, NT-Xent over the global batch."""
 
   picture_name = 'views'
 
@@ -70,17 +73,29 @@ class SimCLR(Method):
     probe = LinearProbe(encoder.num_features, m.num_classes, rngs=rngs)
     return SimCLRModel(encoder, projector, probe)
 
-  def _views(self, images: jax.Array, rng: jax.Array) -> jax.Array:
-    """uint8 (B, H, W, C) -> two augmented, normalised views (2B, S, S, C), view-major."""
+  def view_specs(self) -> tuple[ViewSpec, ...]:
+    """Two random resized crops of the whole image at `augment.size`, each maybe flipped."""
+    # google-research/simclr tf2/data_util.py: preprocess_for_train crops
+    # (crop_and_resize, lines 298-320: area 0.08-1, aspect 3/4-4/3, bicubic)
+    # and flips (line 469, p 0.5) the decoded image; data.py lines 54-58 make
+    # two such views of each image. The box is drawn as torchvision draws it
+    # (10 tries, else a center crop); TF's sampler makes 100 tries, else the
+    # whole image: with scale 0.08-1 the first tries nearly always fit.
     a = self.config.augment
-    views = [
-        device_augment.augment_batch(
-            key, images, device_augment.simclr_view, size=a.size, crop_scale=a.crop_scale,
-            crop_ratio=a.crop_ratio, flip=a.flip, jitter_strength=a.jitter_strength,
-            jitter_prob=a.jitter_prob, grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob,
-            interpolation=self.config.data.interpolation)
-        for key in jax.random.split(rng)]
-    return self._normalize(jnp.concatenate(views))
+    keys = {'size': 'config.augment.size', 'crop_scale': 'config.augment.crop_scale',
+            'crop_ratio': 'config.augment.crop_ratio',
+            'interpolation': 'config.data.interpolation'}
+    return (ViewSpec('views', count=2, size=a.size, crop_scale=tuple(a.crop_scale),
+                     crop_ratio=tuple(a.crop_ratio), flip_prob=0.5 if a.flip else 0.0,
+                     interpolation=self.config.data.interpolation, config_keys=keys),)
+
+  def _views(self, views: jax.Array, rng: jax.Array) -> jax.Array:
+    """uint8 host views (B, 2, S, S, C) -> coloured, normalised (B, 2, S, S, C)."""
+    a = self.config.augment
+    coloured = device_augment.augment_views(
+        rng, views, device_augment.simclr_colour, jitter_strength=a.jitter_strength,
+        jitter_prob=a.jitter_prob, grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob)
+    return self._normalize(coloured)
 
   def _normalize(self, images01: jax.Array) -> jax.Array:
     mean = jnp.asarray(self.config.data.mean, jnp.float32)
@@ -91,12 +106,13 @@ class SimCLR(Method):
               step: jax.Array) -> tuple[jax.Array, Metrics]:
     """The reference's objective (2 x NT-Xent) of the projections, plus the probe's loss."""
     del step
-    num = batch['image'].shape[0]
-    views = self._views(batch['image'], rng)
-    features = model.encoder(views, train=True)['pooled']  # (2B, D)
-    z = model.projector(features, train=True)  # (2B, projection_dim)
-    contrastive = contrastive_objective(z[:num], z[num:], self.config.model.temperature)
-    labels = jnp.concatenate([batch['label'], batch['label']])
+    views = self._views(batch['views'], rng)  # (B, 2, S, S, C)
+    num = views.shape[0]
+    # Example-major (B * 2) rows: each device keeps its own examples' views.
+    features = model.encoder(views.reshape(2 * num, *views.shape[2:]), train=True)['pooled']
+    z = model.projector(features, train=True).reshape(num, 2, -1)  # (B, 2, projection_dim)
+    contrastive = contrastive_objective(z[:, 0], z[:, 1], self.config.model.temperature)
+    labels = jnp.repeat(batch['label'], 2)  # (2B,) in the rows' order
     probe_loss, probe_accuracy = probe_loss_and_accuracy(model.online_probe(features), labels)
     # The probe's loss only reaches the probe (its input is stop-gradient).
     return contrastive + probe_loss, {
@@ -116,12 +132,12 @@ class SimCLR(Method):
     return model.online_probe(self.features(model.encoder, images))
 
   def visualize(self, model: SimCLRModel, batch: Batch, rng: jax.Array):
-    """The two augmented views of the first 8 images of the batch."""
+    """The two views (host crops after the device colour) of the first 8 images of the batch."""
     del model
-    return {'views': self._views(batch['image'][:8], rng)}
+    return {'views': self._views(batch['views'][:8], rng)}  # (8, 2, S, S, C)
 
   def render(self, arrays) -> np.ndarray:
     """Two rows: first views over second views."""
     views = np.asarray(arrays['views'])
     pixels = denormalize(views, self.config.data.mean, self.config.data.std)
-    return image_grid(pixels.reshape(2, -1, *pixels.shape[1:]))
+    return image_grid(pixels.swapaxes(0, 1))
