@@ -64,7 +64,7 @@ def test_simclr_local_config_learns(tmp_path):
   result = runner.run_main(tmp_path, config='configs/simclr_resnet.py:local', fast_compile=False)
   # The objective (2 x NT-Xent of 2 x 256 views) starts near 2 log(511) = 12.5 and cannot
   # reach 0. Probes ~0.98-0.99.
-  final = check_local_run(tmp_path, result, 400, loss_drop=2.0)  # ~12.5 -> ~9.8 measured.
+  final = check_local_run(tmp_path, result, 400, loss_drop=2.0)  # 12.9 -> 9.7 measured.
   assert final['probe_top1'] > 0.9, final  # The online probe, trained alongside.
   assert 'online probe top-1' in result.stdout
   print(f'\nSimCLR :local wall time {time.time() - start:.0f} s; {final}')
