@@ -112,6 +112,14 @@ def _local(config: ml_collections.ConfigDict) -> None:
 
   The digits stay at their native 8x8: XLA's CPU convolution gradients are
   slow, and 16 px (4x the work) learns no better here.
+
+  No zero-init of the residual branches (SimCLR's resnet.py and the paper
+  variants start each block's last BatchNorm at 0): over a few hundred steps
+  it only slows learning, and it makes the random-init baseline degenerate
+  (every image's features alike: kNN 0.20), so "beats a random encoder" would
+  say nothing. Measured on this job: kNN / linear / online probe 0.981 /
+  0.981 / 0.978 against 0.847 / 0.869 at random init; with zero-init 0.978 /
+  0.978 / 0.961 against 0.20 / 0.20.
   """
   config.data.update(dict(
       source='digits:train', batch_size=256, image_size=8, channels=1,
@@ -119,7 +127,7 @@ def _local(config: ml_collections.ConfigDict) -> None:
       num_workers=0))
   config.augment.update(dict(size=8, crop_scale=(0.3, 1.0), flip=False,
                              jitter_strength=0.5, blur_prob=0.0))
-  config.model.update(dict(depth=18, stem='cifar', width_multiplier=0.25,
+  config.model.update(dict(depth=18, stem='cifar', width_multiplier=0.25, zero_init_residual=False,
                            projection_hidden=128, projection_dim=64, temperature=0.5,
                            num_classes=10, dtype='float32'))
   config.optim.update(dict(lr=1.0, warmup_epochs=None, warmup_steps=40))

@@ -110,3 +110,10 @@ def test_simclr_method_optimises_twice_ntxent():
     z = reference.projector(features, train=True).reshape(16, 2, -1)
   ntxent = float(losses.ntxent_loss(z[:, 0], z[:, 1], config.model.temperature))
   np.testing.assert_allclose(float(metrics['loss']), 2 * ntxent, rtol=1e-5)
+
+
+def test_simclr_zero_init_residual_is_the_papers_in_paper_variants_only():
+  """SimCLR's resnet.py zero-inits each block's last BN; the CPU-scale :local chooses not to."""
+  assert simclr_resnet.get_config().model.zero_init_residual is True
+  assert simclr_resnet.get_config('cifar10').model.zero_init_residual is True
+  assert simclr_resnet.get_config('local').model.zero_init_residual is False
