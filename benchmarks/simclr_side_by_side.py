@@ -66,8 +66,9 @@ def ours_command(train: str, test: str, workdir: str, steps: int, eval_every: in
       'optim.name': 'sgd', 'optim.lr': 0.06, 'optim.lr_scaling': 'none',
       'optim.weight_decay': 5e-4, 'optim.warmup_steps': 0, 'train.steps': steps,
       'train.log_every': eval_every, 'train.eval_every': eval_every,
-      'train.checkpoint_every': steps, 'eval.knn': True, 'eval.linear_probe': False,
-      'eval.knn_k': 200, 'eval.knn_temperature': 0.1, 'eval.train_source': f'npz:{train}',
+      'train.checkpoint_every': steps, 'eval.knn.enabled': True,
+      'eval.linear_probe.enabled': False, 'eval.knn.k': 200, 'eval.knn.temperature': 0.1,
+      'eval.train_source': f'npz:{train}',
       'eval.test_source': f'npz:{test}', 'eval.batch_size': 360,
       'eval.random_init_baseline': True,
   }

@@ -83,7 +83,7 @@ def main():
   images = rng.integers(0, 256, (args.batch, size, size * 4 // 3, channels), np.uint8)
   labels = rng.integers(0, 10, args.batch).astype(np.int32)
   method, mesh, state, device_step, views_step = build(config)
-  transform = pipeline.MultiViewTransform(method.view_specs(), channels)
+  transform = pipeline.MultiViewTransform(method.view_specs(method.config), channels)
   key = jax.random.key(0)
 
   def run_device():

@@ -35,6 +35,7 @@ from absl import flags
 sys.path.insert(0, os.getcwd())  # The checkout being timed, not this script's.
 
 from ssl_jax import methods, sharding, train  # noqa: E402
+from ssl_jax.data import streams  # noqa: E402
 
 
 def load_config(spec: str, overrides: list[str]):
@@ -87,7 +88,7 @@ def main() -> None:
   if args.npz:
     config.data.source = synthetic_npz(args.npz, workdir)
   batch_size = config.data.batch_size
-  train_data = methods.create(config).train_data(workdir)
+  train_data = streams.train_data(config, methods.method_class(config).data_spec(config), workdir)
   stream = iter(train_data.dataset)
   print(f'{args.config} batch {batch_size}: {train_data.description}', flush=True)
 
@@ -95,7 +96,8 @@ def main() -> None:
     """Batches of a fresh stream read in this thread (no prefetch): the host's work."""
     synchronous = config.copy_and_resolve_references()
     synchronous.data.prefetch = 0
-    host_stream = iter(methods.create(synchronous).train_data(workdir).dataset)
+    spec = methods.method_class(synchronous).data_spec(synchronous)
+    host_stream = iter(streams.train_data(synchronous, spec, workdir).dataset)
     next(host_stream)
     start = time.perf_counter()
     for _ in range(args.steps):

@@ -41,9 +41,7 @@ bias correction, which BERT's AdamWeightDecayOptimizer omits.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from ssl_jax.config_blocks import eval_config, train_config
-from ssl_jax.optim import optim_config
-from ssl_jax.sharding import mesh_config
+from ssl_jax.config_blocks import eval_config, mesh_config, optim_config, train_config
 
 BERT_SIZES = {
     'base': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
@@ -101,7 +99,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
   # Evals: masked-token loss and accuracy on the held-out split.
   config.train = train_config(steps=PHASE1_STEPS, checkpoint_every=5000, eval_every=10_000)
-  config.eval = eval_config(batch_size=256, pictures=False)
+  config.eval = eval_config(batch_size=256, held_out=dict(enabled=True))
 
   config.mesh = mesh_config(data=-1, fsdp=1, tensor=1)
 

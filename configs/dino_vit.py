@@ -28,10 +28,14 @@ follow the trainer's resolution of epochs into steps and any --config override.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from ssl_jax.config_blocks import eval_config, train_config
-from ssl_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
-from ssl_jax.optim import optim_config
-from ssl_jax.sharding import mesh_config
+from ssl_jax.config_blocks import (
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  eval_config,
+  mesh_config,
+  optim_config,
+  train_config,
+)
 
 # ViT sizes (DINO vision_transformer.py: vit_small, vit_base): patch, width, depth, heads, MLP.
 VIT_SIZES = {
@@ -123,7 +127,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # for ImageNet's 1.28M training images: off in the paper recipe. The pictures
   # are [CLS] attention maps of the teacher's last block.
   config.eval = eval_config(train_source='tfds:imagenet2012:train',
-                            test_source='tfds:imagenet2012:validation')
+                            test_source='tfds:imagenet2012:validation',
+                            pictures=dict(enabled=True))
 
   config.mesh = mesh_config(data=-1, fsdp=1, tensor=1)
 
@@ -200,6 +205,6 @@ def _local(config: ml_collections.ConfigDict) -> None:
                            warmup_steps=50))
   config.train.update(dict(steps=500, epochs=None, log_every=25, checkpoint_every=250,
                            eval_every=250))
-  config.eval.update(dict(knn=True, linear_probe=True, train_source='digits:train',
-                          test_source='digits:test', batch_size=360,
-                          random_init_baseline=True))
+  config.eval.update(dict(train_source='digits:train', test_source='digits:test',
+                          batch_size=360, random_init_baseline=True))
+  config.eval.knn.enabled = config.eval.linear_probe.enabled = True

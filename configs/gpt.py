@@ -44,9 +44,7 @@ and --config.model.remat=True if activations do not fit).
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from ssl_jax.config_blocks import eval_config, train_config
-from ssl_jax.optim import optim_config
-from ssl_jax.sharding import mesh_config
+from ssl_jax.config_blocks import eval_config, mesh_config, optim_config, train_config
 
 # GPT-2 sizes (Radford et al. 2019, Table 2; Hugging Face gpt2, gpt2-medium, gpt2-large).
 GPT2_SIZES = {
@@ -95,7 +93,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
   # Evals: the next-token loss over the whole held-out split (`val_loss`).
   config.train = train_config(steps=600_000, eval_every=2000)
-  config.eval = eval_config(batch_size=512, pictures=False)
+  config.eval = eval_config(batch_size=512, held_out=dict(enabled=True))
 
   config.mesh = mesh_config(data=-1, fsdp=1, tensor=1)
 

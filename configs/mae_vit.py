@@ -12,10 +12,14 @@ Variants (`--config=configs/mae_vit.py:VARIANT`):
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from ssl_jax.config_blocks import eval_config, train_config
-from ssl_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
-from ssl_jax.optim import optim_config
-from ssl_jax.sharding import mesh_config
+from ssl_jax.config_blocks import (
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  eval_config,
+  mesh_config,
+  optim_config,
+  train_config,
+)
 
 # ViT sizes (Dosovitskiy et al. 2021, Table 1): patch, width, depth, heads, MLP.
 VIT_SIZES = {
@@ -70,7 +74,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # 'tfds:imagenet2012:validation'. kNN is off in the paper recipe: the MAE
   # paper reports none, and this probe votes on the host, far too slowly for
   # ImageNet's 1.28M training images.
-  config.eval = eval_config()
+  config.eval = eval_config(pictures=dict(enabled=True))
   config.eval.pool = 'cls'  # Feature for probes: 'cls' (MAE linear probe) or 'patch_mean'.
 
   config.mesh = mesh_config(data=-1, fsdp=1, tensor=1)
@@ -100,6 +104,6 @@ def _local(config: ml_collections.ConfigDict) -> None:
   config.optim.update(dict(lr=2e-3, lr_scaling='none', warmup_epochs=None, warmup_steps=100))
   config.train.update(dict(steps=1000, epochs=None, log_every=50, checkpoint_every=250,
                            eval_every=500))
-  config.eval.update(dict(knn=True, linear_probe=True, train_source='digits:train',
-                          test_source='digits:test',
+  config.eval.update(dict(train_source='digits:train', test_source='digits:test',
                           batch_size=360, random_init_baseline=True))
+  config.eval.knn.enabled = config.eval.linear_probe.enabled = True

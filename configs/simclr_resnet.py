@@ -15,10 +15,14 @@ Variants (`--config=configs/simclr_resnet.py:VARIANT`):
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from ssl_jax.config_blocks import eval_config, train_config
-from ssl_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
-from ssl_jax.optim import optim_config
-from ssl_jax.sharding import mesh_config
+from ssl_jax.config_blocks import (
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  eval_config,
+  mesh_config,
+  optim_config,
+  train_config,
+)
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -81,7 +85,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # The online probe is scored on test_source; kNN (host-side voting) is off
   # for ImageNet, where it would be far too slow.
   config.eval = eval_config(train_source='tfds:imagenet2012:train',
-                            test_source='tfds:imagenet2012:validation')
+                            test_source='tfds:imagenet2012:validation',
+                            online_probe=dict(enabled=True), pictures=dict(enabled=True))
 
   config.mesh = mesh_config(data=-1, fsdp=1, tensor=1)
 
@@ -103,8 +108,9 @@ def _cifar10(config: ml_collections.ConfigDict) -> None:
   # The README's CIFAR-10 command: --learning_rate=1.0 --weight_decay=1e-4 (README.md line 81).
   config.optim.update(dict(lr=1.0, weight_decay=1e-4))
   config.train.update(dict(log_every=50, eval_every=5000))
-  config.eval.update(dict(knn=True, linear_probe=True, train_source='tfds:cifar10:train',
-                          test_source='tfds:cifar10:test', batch_size=1000))
+  config.eval.update(dict(train_source='tfds:cifar10:train', test_source='tfds:cifar10:test',
+                          batch_size=1000))
+  config.eval.knn.enabled = config.eval.linear_probe.enabled = True
 
 
 def _local(config: ml_collections.ConfigDict) -> None:
@@ -133,6 +139,6 @@ def _local(config: ml_collections.ConfigDict) -> None:
   config.optim.update(dict(lr=1.0, warmup_epochs=None, warmup_steps=40))
   config.train.update(dict(steps=400, epochs=None, log_every=25, checkpoint_every=200,
                            eval_every=200))
-  config.eval.update(dict(knn=True, linear_probe=True, train_source='digits:train',
-                          test_source='digits:test',
+  config.eval.update(dict(train_source='digits:train', test_source='digits:test',
                           batch_size=360, random_init_baseline=True))
+  config.eval.knn.enabled = config.eval.linear_probe.enabled = True

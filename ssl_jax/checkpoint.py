@@ -17,7 +17,6 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from ssl_jax import methods, sharding
 from ssl_jax.errors import CheckpointError
 
 
@@ -120,30 +119,6 @@ def load_config(path: epath.PathLike) -> ml_collections.ConfigDict:
   if not path.exists():
     raise FileNotFoundError(f'No config.json at {path}.')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def load_encoder(directory: epath.PathLike, mesh: jax.sharding.Mesh | None = None
-                 ) -> tuple[nnx.Module, methods.Method]:
-  """Rebuilds an exported encoder with its weights; also returns its method.
-
-  The encoder is sharded by the exported config's logical-axis rules over
-  `mesh` (default: every device on the data axis, i.e. replicated weights).
-  """
-  directory = epath.Path(directory)
-  if not (directory / 'encoder').exists():
-    raise FileNotFoundError(
-        f'{directory} holds no exported encoder (expected {directory}/encoder).')
-  config = load_config(directory / 'config.json')
-  method = methods.create(config)
-  mesh = mesh or sharding.make_mesh(sharding.mesh_config())
-  with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
-    abstract = nnx.eval_shape(lambda: method.build_encoder(nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    target = abstract_with_shardings(abstract_state,
-                                     sharding.state_shardings(abstract_state, mesh))
-    state = restore_export(directory, target)
-  logging.info('Loaded %s encoder from %s', config.method, directory)
-  return nnx.merge(graphdef, state), method
 
 
 # ------------------------------------------------------------------------------

@@ -206,30 +206,3 @@ def build_optimizer(optim: ml_collections.ConfigDict,
                         "'global' or 'per_parameter'")
     tx = optax.chain(clip, tx)
   return tx
-
-
-def optim_config(**overrides) -> ml_collections.ConfigDict:
-  """The `config.optim` block with its defaults (AdamW, warmup + cosine)."""
-  optim = ml_collections.ConfigDict({
-      'name': 'adamw',
-      'lr': 1e-3,
-      'lr_scaling': 'linear',
-      'schedule': 'warmup_cosine',
-      'warmup_steps': ml_collections.config_dict.placeholder(int),
-      'warmup_epochs': ml_collections.config_dict.placeholder(float),
-      'min_lr': 0.0,
-      'weight_decay': 0.0,
-      'b1': 0.9,
-      'b2': 0.999,
-      'eps': 1e-8,
-      'momentum': 0.9,
-      'trust_coefficient': 0.001,  # LARS eta.
-      'grad_clip_norm': 0.0,
-      'grad_clip_scope': 'global',  # Or 'per_parameter' (DINO).
-      'weight_decay_end': ml_collections.config_dict.placeholder(float),  # None: constant.
-      'weight_decay_steps': ml_collections.config_dict.placeholder(int),
-      'freeze_module': 'last_layer',
-      'freeze_steps': 0,
-  })
-  optim.update(overrides)
-  return optim

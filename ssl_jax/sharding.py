@@ -22,29 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ssl_jax.config_blocks import BATCH_AXES, DEFAULT_RULES, MESH_AXES, mesh_config  # noqa: F401
 from ssl_jax.errors import ConfigError
-
-MESH_AXES = ('data', 'fsdp', 'tensor')
-BATCH_AXES = ('data', 'fsdp')
-
-# Logical name -> mesh axis. Every logical name a model uses must appear:
-# flax passes unknown names through unchanged, which then fail as mesh axes.
-DEFAULT_RULES = (
-    ('batch', BATCH_AXES),
-    ('embed', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('kv', None),
-    ('vocab', 'tensor'),
-    ('conv_in', None),
-    ('conv_out', 'tensor'),
-)
-
-
-def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
-  """The `config.mesh` block: axis sizes (-1 = all remaining devices) and rules."""
-  return ml_collections.ConfigDict(
-      {'data': data, 'fsdp': fsdp, 'tensor': tensor, 'rules': DEFAULT_RULES})
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict,

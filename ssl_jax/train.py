@@ -3,9 +3,12 @@
 Phases, each a named function below: setup (config, mesh, data, method),
 init (the train state is born sharded), restore (train state and data
 position from the newest checkpoint), the loop (one jitted, donated step),
-evals (kNN probe, pictures) and the end (final checkpoint, evals, encoder
-export). Nothing here names a method: everything method-specific is behind
-`ssl_jax.methods.base.Method`.
+evaluations at their cadence (`ssl_jax.eval`) and the end (final
+checkpoint, evaluations, encoder export). Nothing here names a method or a
+metric: everything method-specific is behind `ssl_jax.methods.base.Method`,
+everything about evaluations behind `ssl_jax.eval.evaluator.Evaluator`.
+The method is built once, from the config resolved with what the data
+decides (`ssl_jax.data.streams`).
 
 The train state is a plain dict: `step`, `params` (nnx.Param variables),
 `model_state` (every other variable: BatchNorm statistics, EMA teachers,
@@ -29,7 +32,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from ssl_jax import checkpoint, methods, optim, sharding
+from ssl_jax.data import streams
 from ssl_jax.errors import ConfigError
+from ssl_jax.eval import registry
 from ssl_jax.eval.evaluator import Evaluator
 from ssl_jax.methods.base import Method
 from ssl_jax.metrics import MetricWriter, Progress, log_line
@@ -214,13 +219,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains (or resumes) `config` in `workdir`; returns the final eval metrics."""
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  method_class = methods.method_class(config)
+  registry.check(config, method_class)  # An impossible evaluation fails before any work.
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
-  # The data decides the epoch length, which the resolved config (and so the
-  # method built from it) depends on.
-  train_data = methods.create(config).train_data(workdir)
+  # The data decides the epoch length (and a tokenizer's vocabulary), which the
+  # resolved config, and so the method built once from it, depends on.
+  train_data = streams.train_data(config, method_class.data_spec(config), workdir)
   config = resolve_config(config, train_data.num_examples, train_data.config_updates)
-  method = methods.create(config)
+  method = method_class(config)
   schedule, tx = build_optimizer(config)
   log_line(f'{config.method}: {config.train.steps} steps of batch {config.data.batch_size} '
            f'({config.train.steps_per_epoch} steps/epoch over {train_data.num_examples} '
@@ -313,7 +320,7 @@ def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
         for warning in job.method.check_metrics(scalars):
           log_line(f'WARNING at step {step}: {warning}')
         job.writer.write_scalars(step, scalars)
-      if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
+      if job.evaluator.due(step):
         results = job.evaluator(state, batch, job.rng)
         if results:
           log_line(f'eval at step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
@@ -341,24 +348,10 @@ def finish(job: Job, state: TrainState, batch: Any) -> dict[str, float]:
   job.checkpointer.save(step, state, job.data_iter)  # No-op if this step is already saved.
   if batch is None:  # Resumed a finished run: draw a batch for the pictures.
     batch = sharding.put_batch(next(job.data_iter), job.mesh)
-  results = evaluator(state, batch, job.rng)
-  if config.eval.random_init_baseline:
-    results.update(evaluator.random_init_scores())
+  results = evaluator.final(state, batch, job.rng)
   job.writer.write_scalars(step, results)
-  for name, title in (('knn_top1', f'kNN top-1 (k={config.eval.knn_k})'),
-                      ('linear_top1', 'linear probe top-1')):
-    if name in results:
-      baseline = results.get(f'{name}_random_init')
-      log_line(f'{title}, {config.eval.train_source} -> {config.eval.test_source}: '
-               f'trained {results[name]:.4f}'
-               + ('' if baseline is None else f' | random init {baseline:.4f}'))
-  held_out = {k: v for k, v in results.items() if k.startswith('val_')}
-  if held_out:
-    log_line(f'held-out split at step {step}: '
-             + ', '.join(f'{k[4:]} {v:.4f}' for k, v in held_out.items()))
-  if 'probe_top1' in results:
-    log_line(f'online probe top-1 (trained alongside) on {config.eval.test_source}: '
-             f'{results["probe_top1"]:.4f}')
+  for line in evaluator.summary(results):
+    log_line(line)
   export_dir = checkpoint.export_encoder(job.workdir / 'export', evaluator.encoder(state), config)
   log_line(f'Encoder exported to {export_dir}')
   logging.info('Final results: %s', results)

@@ -11,8 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ssl_jax.eval import knn
-from ssl_jax.eval.evaluator import EvalData
-from ssl_jax.eval.features import extract_features
+from ssl_jax.eval.passes import LabelledData, extract_features
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,7 +24,7 @@ TINY = (
     '--config.optim.warmup_steps=5',
     '--config.train.log_every=1',
     '--config.train.eval_every=0',
-    '--config.eval.knn=False',
+    '--config.eval.knn.enabled=False',
 )
 
 
@@ -86,8 +85,8 @@ def flat_dict(tree) -> dict[str, np.ndarray]:
 
 def knn_top1(config, method, encoder, mesh) -> float:
   """The trainer's kNN probe, recomputed for an encoder outside the trainer."""
-  data = EvalData(config)
+  data = LabelledData(config)
   train = extract_features(method, encoder, data(config.eval.train_source), mesh)
   test = extract_features(method, encoder, data(config.eval.test_source), mesh)
-  return knn.knn_accuracy(*train, *test, k=config.eval.knn_k,
-                          temperature=config.eval.knn_temperature)
+  return knn.knn_accuracy(*train, *test, k=config.eval.knn.k,
+                          temperature=config.eval.knn.temperature)

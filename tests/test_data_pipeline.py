@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from ssl_jax.data import augment, pipeline
-from ssl_jax.data.images import DataError
+from ssl_jax.errors import DataError
 from tests.data_fixtures import assert_batches_equal, data_config, take
 
 # ------------------------------------------------------------ augmentations ---

@@ -10,7 +10,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from ssl_jax.data import pipeline
-from ssl_jax.data.images import DataError, open_image_source
+from ssl_jax.data.images import open_image_source
+from ssl_jax.errors import DataError
 from tests.data_fixtures import data_config
 
 # ------------------------------------------------------------------ sources ---

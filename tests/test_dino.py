@@ -201,7 +201,7 @@ def check_local_run(workdir, result, steps: int, *, min_knn: float) -> dict:
   pictures = list((workdir / 'images').glob('step_*.png'))
   assert pictures and pictures[0].stat().st_size > 0
   # The export is the teacher's backbone: reloaded, it gives the logged kNN accuracy.
-  encoder, method = checkpoint.load_encoder(workdir / 'export')
+  encoder, method = methods.load_encoder(workdir / 'export')
   config = checkpoint.load_config(workdir / 'export' / 'config.json')
   mesh = sharding.make_mesh(sharding.mesh_config())
   assert abs(runner.knn_top1(config, method, encoder, mesh) - scores['knn_top1']) <= 1 / 360

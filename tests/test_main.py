@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from ssl_jax import checkpoint, sharding
+from ssl_jax import checkpoint, methods, sharding
 from tests import runner
 
 
@@ -35,7 +35,7 @@ def check_local_run(workdir, result, steps, *, loss_drop, probes=('knn_top1', 'l
 
 def check_export(workdir, final):
   """The exported encoder reloads and gives the kNN accuracy the trainer logged."""
-  encoder, method = checkpoint.load_encoder(workdir / 'export')
+  encoder, method = methods.load_encoder(workdir / 'export')
   config = checkpoint.load_config(workdir / 'export' / 'config.json')
   mesh = sharding.make_mesh(sharding.mesh_config())  # load_encoder's default: all 8 devices.
   assert abs(runner.knn_top1(config, method, encoder, mesh) - final['knn_top1']) <= 1 / 360
@@ -72,7 +72,7 @@ def test_simclr_local_config_learns(tmp_path):
 
 # A few steps of each image method's :local recipe at batch 32: the whole command line.
 SHORT = ('--config.train.steps=8', '--config.train.log_every=4', '--config.train.eval_every=0',
-         '--config.data.batch_size=32', '--config.eval.linear_probe=False',
+         '--config.data.batch_size=32', '--config.eval.linear_probe.enabled=False',
          '--config.eval.random_init_baseline=False', '--config.optim.warmup_steps=2')
 
 

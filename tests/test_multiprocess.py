@@ -19,7 +19,7 @@ from ssl_jax.data import pipeline
 from tests import runner
 
 STEPS = ('--config.train.steps=6', '--config.train.checkpoint_every=3',
-         '--config.eval.knn=True')  # The kNN's cross-host gathers too.
+         '--config.eval.knn.enabled=True')  # The kNN's cross-host gathers too.
 
 
 def free_port() -> int:

@@ -7,11 +7,11 @@ import numpy as np
 import optax
 import pytest
 
-from ssl_jax import optim
+from ssl_jax import config_blocks, optim
 
 
 def config(**overrides) -> ml_collections.ConfigDict:
-  return optim.optim_config(**overrides)
+  return config_blocks.optim_config(**overrides)
 
 
 def params():

@@ -58,7 +58,7 @@ def tiny_config(method: str, optimizer: str, mesh_shape: dict):
 
 def random_batch(method, config, rng) -> dict[str, np.ndarray]:
   """A host batch of random pixels in the method's layout: its views, or one image."""
-  channels, specs = config.data.channels, method.view_specs()
+  channels, specs = config.data.channels, method.view_specs(method.config)
   shapes = ({spec.name: (BATCH, spec.count, spec.size, spec.size, channels) for spec in specs}
             if specs else {'image': (BATCH, config.data.image_size, config.data.image_size,
                                      channels)})

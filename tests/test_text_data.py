@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 
 from ssl_jax import checkpoint
 from ssl_jax.data import masking, text, text_sources
-from ssl_jax.data.images import DataError
+from ssl_jax.errors import DataError
 from tests.data_fixtures import assert_batches_equal, take
 from tests.text_fixtures import text_config
 

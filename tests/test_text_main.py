@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ssl_jax import checkpoint, sample
+from ssl_jax import methods, sample
 from ssl_jax.data import text_sources
 from ssl_jax.errors import UserError
 from ssl_jax.models.transformer import TransformerLM
@@ -48,7 +48,7 @@ def check_text_run(workdir, result, steps) -> tuple[dict, dict]:
   config = json.loads((workdir / 'config.json').read_text())
   assert (workdir / 'tokenizer.json').exists() and list((workdir / 'tokens').glob('*.npy'))
   # The export is the whole language model, with the last checkpoint's weights.
-  encoder, _ = checkpoint.load_encoder(workdir / 'export')
+  encoder, _ = methods.load_encoder(workdir / 'export')
   assert isinstance(encoder, TransformerLM)
   saved = runner.restore_state(workdir, steps)
   exported = runner.flat_dict(nnx.to_pure_dict(nnx.state(encoder)))

@@ -13,6 +13,7 @@ from flax import nnx
 from configs import bert_mlm, gpt
 from ssl_jax import checkpoint, methods, sharding, train
 from ssl_jax import optim as optim_lib
+from ssl_jax.data import streams, text_sources
 from ssl_jax.errors import CheckpointError, ConfigError
 from ssl_jax.models import transformer
 from ssl_jax.models.transformer import count_params
@@ -171,8 +172,8 @@ def test_model_vocabulary_is_the_tokenizers(tmp_path):
   config = gpt.get_config('local')
   config.data.update(dict(tokenizer='char', batch_size=8, seq_len=32))
   method = methods.create(config)
-  data = method.train_data(tmp_path)
-  vocab = method.corpus(tmp_path).tokenizer.vocab_size
+  data = train_data(config, tmp_path)
+  vocab = text_sources.tokenized_text(config.data, str(tmp_path)).tokenizer.vocab_size
   assert data.config_updates == {'model.vocab_size': vocab} and 50 < vocab < 200
   resolved = train.resolve_config(config, data.num_examples, data.config_updates)
   assert resolved.model.vocab_size == vocab and config.model.vocab_size is None
@@ -180,16 +181,21 @@ def test_model_vocabulary_is_the_tokenizers(tmp_path):
   with pytest.raises(ConfigError, match='config.model.vocab_size is unset'):
     method.transformer_config()
   config.model.vocab_size = vocab + 5  # Padded, as nanoGPT's 50304: kept.
-  assert methods.create(config).train_data(tmp_path).config_updates == {}
+  assert train_data(config, tmp_path).config_updates == {}
   config.model.vocab_size = vocab - 1
   with pytest.raises(ConfigError, match=f'smaller than the tokenizer.s {vocab} ids'):
-    methods.create(config).train_data(tmp_path)
+    train_data(config, tmp_path)
   config.model.vocab_size, config.data.seq_len = None, 129
   with pytest.raises(ConfigError, match='seq_len=129 exceeds config.model.max_len=128'):
-    methods.create(config).train_data(tmp_path)
+    train_data(config, tmp_path)
   config.data.objective = 'masked_lm'
   with pytest.raises(ConfigError, match="objective='masked_lm', but method 'gpt' trains"):
-    methods.create(config).train_data(tmp_path)
+    train_data(config, tmp_path)
+
+
+def train_data(config, workdir):
+  """The trainer's train data for `config` (built before any method object)."""
+  return streams.train_data(config, methods.method_class(config).data_spec(config), workdir)
 
 
 # ---------------------------------------------------------------- init_from errors.

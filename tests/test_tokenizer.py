@@ -8,7 +8,7 @@ import tokenizers
 from tokenizers import models, pre_tokenizers, processors
 
 from ssl_jax.data import text_sources, tokenizer
-from ssl_jax.data.images import DataError
+from ssl_jax.errors import DataError
 from tests.text_fixtures import text_config
 
 SAMPLES = ['def f(x):\n\treturn x ** 2  # square\n', 'Ünïcödé — “quotes” ✓ 猫 🙂',

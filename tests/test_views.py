@@ -51,9 +51,8 @@ def dino_config(source: str, batch_size: int = 16):
 
 
 def train_stream(config, **process):
-  method = methods.create(config)
-  return pipeline.train_dataset(config.data, seed=config.seed, views=method.view_specs(),
-                                **process)[0]
+  views = methods.create(config).view_specs(config)
+  return pipeline.train_dataset(config.data, seed=config.seed, views=views, **process)[0]
 
 
 def shows(views: np.ndarray, colour) -> np.ndarray:

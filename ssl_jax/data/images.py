@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ssl_jax.errors import UserError
+from ssl_jax.errors import DataError
 
 SPEC_FORMS = (
     'digits[:train|test|all]',
@@ -42,10 +42,6 @@ DIGITS_SPLIT_SEED = 0
 DIGITS_NUM_TEST = 360
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-
-
-class DataError(UserError, ValueError):
-  """A data source or data config the user supplied is missing or malformed."""
 
 
 class ImageSource(abc.ABC):

@@ -54,10 +54,10 @@ import ml_collections
 import numpy as np
 
 from ssl_jax.data import masking
-from ssl_jax.data.images import DataError
 from ssl_jax.data.pipeline import EvalBatches, per_process_batch_size, process_stream
 from ssl_jax.data.text_sources import TokenizedText, describe, tokenized_text
 from ssl_jax.data.tokenizer import Tokenizer
+from ssl_jax.errors import DataError
 
 # Seeds the masking of eval windows: the same corruption at every eval.
 EVAL_MASK_SEED = 0
@@ -233,3 +233,21 @@ def eval_batches(
   iterator = iter(dataset.batch(local_batch).to_iter_dataset(
       grain.ReadOptions(num_threads=data.prefetch, prefetch_buffer_size=data.prefetch)))
   return EvalBatches(iterator, num_batches, num_windows)
+
+
+def most_frequent_share(tokens: np.ndarray, special_ids: tuple[int, ...]) -> float:
+  """Accuracy of always predicting the most frequent ordinary token of `tokens`."""
+  ordinary = tokens[~np.isin(tokens, special_ids)]
+  return float(np.bincount(ordinary).max() / max(len(ordinary), 1)) if len(ordinary) else 0.0
+
+
+def chance_baseline(corpus: TokenizedText, objective: str) -> str:
+  """Words for the start-up log: what a model that learns nothing scores on the val split.
+
+  Masked LM: the masked accuracy of always guessing the most frequent
+  ordinary validation token. Causal LM: nothing (its val loss speaks for itself).
+  """
+  if objective != 'masked_lm':
+    return ''
+  share = most_frequent_share(corpus.val, corpus.tokenizer.special_ids)
+  return f'; always guessing the most frequent val token scores masked accuracy {share:.3f}'

@@ -39,8 +39,8 @@ import sys
 import ml_collections
 import numpy as np
 
-from ssl_jax.data.images import DataError
 from ssl_jax.data.tokenizer import OBJECTIVES, Tokenizer, tokenizer_for_run
+from ssl_jax.errors import DataError
 
 SPEC_FORMS = ('pydoc', 'text:PATH', 'tfds:NAME[:SPLIT]')
 _CACHE_VERSION = 1

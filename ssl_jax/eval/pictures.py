@@ -1,33 +1,36 @@
-"""Pictures for the logs: image grids saved as PNG under `workdir/images/`."""
+"""`pictures` (config.eval.pictures): what the method draws, under images/ and in TensorBoard.
 
-import numpy as np
-from etils import epath
-from PIL import Image
+The method's `visualize` (jitted, on a train batch) returns arrays that its
+`render` turns into an (H, W, 3) uint8 picture on the host: MAE's
+reconstructions, SimCLR's views, DINO's attention maps.
+"""
 
+import jax
+from flax import nnx
+from jax.experimental import multihost_utils
 
-def image_grid(rows: np.ndarray, pad: int = 2, min_size: int = 64) -> np.ndarray:
-  """(R, K, H, W, C) uint8 -> one picture of R rows and K columns, white-padded.
-
-  Small images are enlarged by pixel repetition to at least `min_size`
-  pixels so that 8x8 digits stay visible in TensorBoard.
-  """
-  scale = max(1, -(-min_size // max(rows.shape[2:4])))
-  rows = rows.repeat(scale, axis=2).repeat(scale, axis=3)
-  num_rows, num_cols, height, width, channels = rows.shape
-  if channels == 1:
-    rows = np.repeat(rows, 3, axis=-1)
-  out = np.full((num_rows * (height + pad) + pad, num_cols * (width + pad) + pad, 3), 255,
-                np.uint8)
-  for r in range(num_rows):
-    for c in range(num_cols):
-      top, left = pad + r * (height + pad), pad + c * (width + pad)
-      out[top:top + height, left:left + width] = rows[r, c]
-  return out
+from ssl_jax import pictures
+from ssl_jax.eval.base import Evaluation, Round
 
 
-def save_png(picture: np.ndarray, path: epath.PathLike) -> None:
-  """Writes an (H, W, 3) uint8 picture as PNG (local or remote path)."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open('wb') as f:
-    Image.fromarray(picture).save(f, format='PNG')
+class Pictures(Evaluation):
+  """Saves `images/step_<step>.png` and a TensorBoard image; logs no number."""
+
+  requires = 'pictures'
+
+  def __init__(self, *args):
+    super().__init__(*args)
+    method, graphdef = self.context.method, self.context.graphdef
+    self._visualize = jax.jit(lambda params, rest, batch, rng: method.visualize(
+        nnx.merge(graphdef, params, rest), batch, rng))
+
+  def run(self, round_: Round) -> dict[str, float]:
+    ctx, state = self.context, round_.state
+    arrays = self._visualize(state['params'], state['model_state'], round_.batch, round_.rng)
+    if arrays is None:
+      return {}
+    picture = ctx.method.render(multihost_utils.process_allgather(arrays, tiled=True))
+    if jax.process_index() == 0:
+      pictures.save_png(picture, ctx.workdir / 'images' / f'step_{round_.step:07d}.png')
+    ctx.writer.write_image(round_.step, ctx.method.picture_name, picture)
+    return {}

@@ -1,41 +1,50 @@
-"""The surface every pretraining method offers the trainer.
+"""The surface every pretraining method offers the trainer and the evaluations.
 
-A method is a small object built from the resolved config. The trainer in
-`ssl_jax/train.py` only ever calls what is defined here, so it never needs
-to know which method it is training.
+A method is a small object built once, from the resolved config. The
+trainer in `ssl_jax/train.py` and the evaluations in `ssl_jax/eval/` only
+ever call what is defined here, so they never need to know which method
+they run. What a method must implement: `build`, `loss_fn`, `encoder`,
+`build_encoder`, and, at class level, the data it trains on (`data_spec`).
+What it may add: `after_step` (EMA teachers), and one hook per capability
+it declares in `capabilities`, which the evaluations the config enables
+need (checked at setup, before any data is read):
+
+| capability     | hooks                  | evaluations         |
+|----------------|------------------------|---------------------|
+| 'features'     | `features`             | knn, linear_probe   |
+| 'online_probe' | `classify`             | online_probe        |
+| 'held_out'     | `eval_step`            | held_out            |
+| 'pictures'     | `visualize`, `render`  | pictures            |
 """
 
 import abc
-import dataclasses
-from collections.abc import Iterable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 from flax import nnx
 
 from ssl_jax.data import pipeline
+from ssl_jax.data.streams import DataSpec
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-
-@dataclasses.dataclass
-class TrainData:
-  """A method's infinite, resumable train stream and what the log says about it."""
-  dataset: Any  # A grain dataset of this process's batches (its iterator is checkpointed).
-  num_examples: int  # Examples in one epoch (steps per epoch = num_examples // batch).
-  description: str  # One line for the start-up log.
-  # Config values the data decides, by dotted key (e.g. {'model.vocab_size': 4096} from the
-  # tokenizer); the trainer sets them before anything is built, and config.json records them.
-  config_updates: dict[str, Any] = dataclasses.field(default_factory=dict)
+# Capability -> the hooks a method declaring it overrides.
+CAPABILITIES = {
+    'features': ('features',),
+    'online_probe': ('classify',),
+    'held_out': ('eval_step',),
+    'pictures': ('visualize', 'render'),
+}
 
 
 class Method(abc.ABC):
   """Base class of pretraining methods (one subclass per file in methods/)."""
 
+  # What the evaluations may ask of this method (keys of CAPABILITIES).
+  capabilities: frozenset[str] = frozenset()
   # The unit of throughput shown in the progress line (images/s, tokens/s).
   throughput_unit = 'images'
   # TensorBoard tag of the pictures `render` draws.
@@ -44,26 +53,36 @@ class Method(abc.ABC):
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
 
+  def __init_subclass__(cls, **kwargs):
+    """TypeError unless a subclass overrides the hooks of every capability it declares."""
+    super().__init_subclass__(**kwargs)
+    unknown = sorted(set(cls.capabilities) - set(CAPABILITIES))
+    if unknown:
+      raise TypeError(f'{cls.__name__}.capabilities: unknown {unknown}; '
+                      f'known {sorted(CAPABILITIES)}')
+    for capability in cls.capabilities:
+      missing = [hook for hook in CAPABILITIES[capability]
+                 if getattr(cls, hook) is getattr(Method, hook)]
+      if missing:
+        raise TypeError(f'{cls.__name__} declares {capability!r} but does not define {missing}')
+
   # ----------------------------------------------------------------------------
-  # Data.
+  # Data: declared per class, built by `ssl_jax.data.streams` from the config.
   # ----------------------------------------------------------------------------
-  def view_specs(self) -> tuple[pipeline.ViewSpec, ...] | None:
+  @classmethod
+  def data_spec(cls, config: ml_collections.ConfigDict) -> DataSpec:
+    """The data this method trains on: by default images, cut as `view_specs` says."""
+    return DataSpec('images', views=cls.view_specs(config))
+
+  @classmethod
+  def view_specs(cls, config: ml_collections.ConfigDict) -> tuple[pipeline.ViewSpec, ...] | None:
     """The views the host cuts from each whole image, or None for one `data.image_size` crop.
 
     Each spec becomes a batch entry `spec.name` of shape (B, count, size,
     size, C) in place of `image`; the method colours them in `loss_fn`.
     """
+    del config
     return None
-
-  def train_data(self, workdir: epath.Path) -> TrainData:
-    """The train stream: by default the image pipeline of `config.data` and `view_specs`."""
-    del workdir
-    views = self.view_specs()
-    dataset, source = pipeline.train_dataset(
-        self.config.data, seed=self.config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), views=views)
-    return TrainData(dataset, len(source), pipeline.describe_train(
-        self.config.data, source, jax.process_count(), views=views))
 
   # ----------------------------------------------------------------------------
   # Model and loss.
@@ -97,12 +116,12 @@ class Method(abc.ABC):
   # ----------------------------------------------------------------------------
   # Held-out evaluation of the pretext task (e.g. a language model's val loss).
   # ----------------------------------------------------------------------------
-  def eval_batches(self, workdir: epath.Path) -> Iterable[dict[str, np.ndarray]] | None:
-    """This process's share of held-out batches for `eval_step`, or None."""
-    del workdir
-
   def eval_step(self, model: nnx.Module, batch: Batch) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """{name: (sum, count)} over one global batch; the evaluator logs val_name = sum / count."""
+    """{name: (sum, count)} over one global batch of held-out data ('held_out').
+
+    The held_out evaluation sums each over the whole split
+    (`ssl_jax.data.streams.held_out_batches`) and logs val_<name> = sum / count.
+    """
     raise TypeError(f'{type(self).__name__} defines no held-out eval step.')
 
   # ----------------------------------------------------------------------------

@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import losses
-from ssl_jax.data import text_sources
 from ssl_jax.methods.base import Batch, Metrics
-from ssl_jax.methods.language import LanguageModelMethod, most_frequent_share, token_accuracy
+from ssl_jax.methods.language import LanguageModelMethod, token_accuracy
 from ssl_jax.models import transformer
 from ssl_jax.models.transformer import TransformerLM
 
@@ -33,12 +32,8 @@ class BERT(LanguageModelMethod):
   """The BERT method: masked-token prediction on packed, corrupted windows."""
 
   objective = 'masked_lm'
+  capabilities = frozenset({'held_out'})
   architecture = staticmethod(transformer.bert_config)
-
-  def baseline(self, corpus: text_sources.TokenizedText) -> str:
-    """The accuracy of always predicting the most frequent (ordinary) validation token."""
-    share = most_frequent_share(corpus.val, corpus.tokenizer.special_ids)
-    return f'; always guessing the most frequent val token scores masked accuracy {share:.3f}'
 
   def _max_predictions(self) -> int | None:
     k = self.config.model.max_predictions_per_seq

@@ -27,6 +27,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -34,10 +35,10 @@ from ssl_jax import losses, optim
 from ssl_jax.data import device_augment
 from ssl_jax.data.normalize import denormalize, normalize
 from ssl_jax.data.pipeline import ViewSpec
-from ssl_jax.eval.pictures import image_grid
 from ssl_jax.methods.base import Batch, Method, Metrics
 from ssl_jax.models.heads import DINOHead
 from ssl_jax.models.vit import ViT
+from ssl_jax.pictures import image_grid
 
 
 class TeacherWeight(nnx.Variable):
@@ -127,6 +128,8 @@ class DINOModel(nnx.Module):
 class DINO(Method):
   """The DINO method: multi-crop self-distillation into an EMA teacher."""
 
+  capabilities = frozenset({'features', 'pictures'})
+
   picture_name = 'attention'
 
   def build_encoder(self, rngs: nnx.Rngs, drop_path_rate: float = 0.0) -> ViT:
@@ -174,14 +177,15 @@ class DINO(Method):
     std = jnp.asarray(self.config.data.std, jnp.float32)
     return (images01 - mean) / std
 
-  def view_specs(self) -> tuple[ViewSpec, ...]:
+  @classmethod
+  def view_specs(cls, config: ml_collections.ConfigDict) -> tuple[ViewSpec, ...]:
     """2 global crops and `num_local_crops` local crops of the whole image, each maybe flipped."""
     # DataAugmentationDINO (facebookresearch/dino main_dino.py): each crop is
     # RandomResizedCrop(size, scale, bicubic) of the decoded image (lines 436,
     # 443, 452; ratio: torchvision's default 3/4-4/3) then RandomHorizontalFlip
     # (p 0.5, line 422); global scale (0.4, 1), local (0.05, 0.4) (lines
     # 107-117). Its colour ops follow on device (`views`).
-    a, interpolation = self.config.augment, self.config.data.interpolation
+    a, interpolation = config.augment, config.data.interpolation
     shared = dict(crop_ratio=tuple(a.crop_ratio), flip_prob=a.flip_prob,
                   interpolation=interpolation)
     keys = {'crop_ratio': 'config.augment.crop_ratio', 'flip_prob': 'config.augment.flip_prob',

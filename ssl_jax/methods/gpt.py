@@ -22,6 +22,7 @@ class GPT(LanguageModelMethod):
   """The GPT method: a causal language model on packed token windows."""
 
   objective = 'causal_lm'
+  capabilities = frozenset({'held_out'})
   architecture = staticmethod(transformer.gpt2_config)
 
   def loss_fn(self, model: TransformerLM, batch: Batch, rng: jax.Array,

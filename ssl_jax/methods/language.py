@@ -1,12 +1,13 @@
 """What the two language methods (gpt.py, bert.py) share: text data, the transformer, FLOPs.
 
 The train stream and held-out batches are the text pipeline's
-(`ssl_jax/data/text.py`); the model is a `TransformerLM` built from
-`config.model`. Its vocabulary is the tokenizer's, which exists only once
-`train_data` has trained or loaded it: `train_data` hands the size to the
-trainer as `model.vocab_size` (unless the config sets it, e.g. nanoGPT's
-50304, a multiple of 64 above GPT-2's 50257), so config.json records it and
-`build` never needs the data. The whole language model is the exported
+(`ssl_jax/data/text.py`, built by `ssl_jax/data/streams.py` from
+`data_spec`); the model is a `TransformerLM` built from `config.model`. Its
+vocabulary is the tokenizer's, which exists only once the train data has
+trained or loaded it: the data hands the size to the trainer as
+`model.vocab_size` (unless the config sets it, e.g. nanoGPT's 50304, a
+multiple of 64 above GPT-2's 50257), so config.json records it and `build`
+never needs the data. The whole language model is the exported
 "encoder": the sampler and a downstream fine-tune want its head too.
 
 Config keys read from `config.model`: vocab_size (None: the tokenizer's),
@@ -18,14 +19,12 @@ older config.json) leaves them out.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from etils import epath
+import ml_collections
 from flax import nnx
 
-from ssl_jax.data import text, text_sources
-from ssl_jax.data.pipeline import EvalBatches
+from ssl_jax.data.streams import DataSpec
 from ssl_jax.errors import ConfigError
-from ssl_jax.methods.base import Method, TrainData
+from ssl_jax.methods.base import Method
 from ssl_jax.models import transformer
 from ssl_jax.models.transformer import TransformerConfig, TransformerLM
 
@@ -37,47 +36,11 @@ class LanguageModelMethod(Method):
   objective = ''  # config.data.objective this method trains: 'causal_lm' or 'masked_lm'.
   architecture = staticmethod(transformer.gpt2_config)  # -> the paper's TransformerConfig.
 
-  # ----------------------------------------------------------------------------
-  # Data.
-  # ----------------------------------------------------------------------------
-  def _check_config(self) -> None:
-    """ConfigError unless the data and model configs fit this method and each other."""
-    data, model = self.config.data, self.config.model
-    if data.objective != self.objective:
-      raise ConfigError(f'config.data.objective={data.objective!r}, but method '
-                        f'{self.config.method!r} trains {self.objective!r}')
-    if data.seq_len > model.max_len:
-      raise ConfigError(f'config.data.seq_len={data.seq_len} exceeds config.model.max_len='
-                        f'{model.max_len}, the positions the model has')
-
-  def corpus(self, workdir: epath.PathLike) -> text_sources.TokenizedText:
-    """Both tokenised splits and the tokenizer (memoised: cheap after `train_data`)."""
-    return text_sources.tokenized_text(self.config.data, str(workdir))
-
-  def train_data(self, workdir: epath.Path) -> TrainData:
-    """Packed token windows (tokenizer trained or loaded and saved in the workdir)."""
-    self._check_config()
-    dataset, num_windows, summary = text.train_dataset(
-        self.config.data, seed=self.config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), workdir=str(workdir))
-    corpus = self.corpus(workdir)
-    vocab_size, model_vocab = corpus.tokenizer.vocab_size, self.config.model.vocab_size
-    if model_vocab is not None and model_vocab < vocab_size:
-      raise ConfigError(f'config.model.vocab_size={model_vocab} is smaller than the '
-                        f'tokenizer\'s {vocab_size} ids; leave it unset to use the tokenizer\'s')
-    updates = {'model.vocab_size': vocab_size} if model_vocab is None else {}
-    return TrainData(dataset, num_windows, summary + self.baseline(corpus), updates)
-
-  def baseline(self, corpus: text_sources.TokenizedText) -> str:
-    """Extra words for the start-up log: what a model that learns nothing scores."""
-    del corpus
-    return ''
-
-  def eval_batches(self, workdir: epath.Path) -> EvalBatches:
-    """Every validation window once, in order, padded (padding weighs 0)."""
-    return text.eval_batches(self.config.data, batch_size=self.config.eval.batch_size,
-                             process_index=jax.process_index(),
-                             process_count=jax.process_count(), workdir=str(workdir))
+  @classmethod
+  def data_spec(cls, config: ml_collections.ConfigDict) -> DataSpec:
+    """Token windows packed for this method's objective (`ssl_jax/data/text.py`)."""
+    del config
+    return DataSpec('text', objective=cls.objective)
 
   def examples_to_units(self, batch_size: int) -> int:
     """Tokens in a batch of `batch_size` windows."""
@@ -91,7 +54,7 @@ class LanguageModelMethod(Method):
     m = self.config.model
     if m.vocab_size is None:
       raise ConfigError('config.model.vocab_size is unset: it is the tokenizer\'s, which '
-                        '`train_data` reports to the trainer (or set it explicitly)')
+                        'the train data reports to the trainer (or set it explicitly)')
     switches = {key: m[key] for key in ('gelu', 'use_bias') if key in m}
     return self.architecture(
         vocab_size=m.vocab_size, max_len=m.max_len, width=m.width, depth=m.depth,
@@ -155,8 +118,3 @@ def token_accuracy(logits: jax.Array, labels: jax.Array,
   weights = weights.astype(jnp.float32)
   return jnp.sum(correct * weights), jnp.sum(weights)
 
-
-def most_frequent_share(tokens: np.ndarray, special_ids: tuple[int, ...]) -> float:
-  """Accuracy of always predicting the most frequent ordinary token of `tokens`."""
-  ordinary = tokens[~np.isin(tokens, special_ids)]
-  return float(np.bincount(ordinary).max() / max(len(ordinary), 1)) if len(ordinary) else 0.0

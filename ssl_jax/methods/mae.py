@@ -14,9 +14,9 @@ from flax import nnx
 
 from ssl_jax import losses
 from ssl_jax.data.normalize import denormalize, normalize
-from ssl_jax.eval.pictures import image_grid
 from ssl_jax.methods.base import Batch, Method, Metrics
 from ssl_jax.models.vit import Transformer, ViT, partitioned, posemb_sincos_2d, xavier_uniform
+from ssl_jax.pictures import image_grid
 
 
 def random_masking(tokens: jax.Array, rng: jax.Array, mask_ratio: float):
@@ -90,6 +90,8 @@ class MAEModel(nnx.Module):
 
 class MAE(Method):
   """The MAE method: model, loss, export and reconstruction pictures."""
+
+  capabilities = frozenset({'features', 'pictures'})
 
   picture_name = 'reconstructions'
 

@@ -16,6 +16,7 @@ of the two directions' mean cross-entropies, twice `losses.ntxent_loss`.
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -23,10 +24,10 @@ from ssl_jax import losses
 from ssl_jax.data import device_augment
 from ssl_jax.data.normalize import denormalize
 from ssl_jax.data.pipeline import ViewSpec
-from ssl_jax.eval.pictures import image_grid
 from ssl_jax.methods.base import Batch, Method, Metrics
 from ssl_jax.models.heads import LinearProbe, ProjectionMLP, probe_loss_and_accuracy
 from ssl_jax.models.resnet import ResNet
+from ssl_jax.pictures import image_grid
 
 
 def contrastive_objective(z1: jax.Array, z2: jax.Array, temperature: float) -> jax.Array:
@@ -54,6 +55,8 @@ class SimCLRModel(nnx.Module):
 class SimCLR(Method):
   """The SimCLR method: two views of every image, NT-Xent over the global batch."""
 
+  capabilities = frozenset({'features', 'online_probe', 'pictures'})
+
   picture_name = 'views'
 
   def build_encoder(self, rngs: nnx.Rngs) -> ResNet:
@@ -73,7 +76,8 @@ class SimCLR(Method):
     probe = LinearProbe(encoder.num_features, m.num_classes, rngs=rngs)
     return SimCLRModel(encoder, projector, probe)
 
-  def view_specs(self) -> tuple[ViewSpec, ...]:
+  @classmethod
+  def view_specs(cls, config: ml_collections.ConfigDict) -> tuple[ViewSpec, ...]:
     """Two random resized crops of the whole image at `augment.size`, each maybe flipped."""
     # google-research/simclr tf2/data_util.py: preprocess_for_train crops
     # (crop_and_resize, lines 298-320: area 0.08-1, aspect 3/4-4/3, bicubic)
@@ -81,13 +85,13 @@ class SimCLR(Method):
     # two such views of each image. The box is drawn as torchvision draws it
     # (10 tries, else a center crop); TF's sampler makes 100 tries, else the
     # whole image: with scale 0.08-1 the first tries nearly always fit.
-    a = self.config.augment
+    a = config.augment
     keys = {'size': 'config.augment.size', 'crop_scale': 'config.augment.crop_scale',
             'crop_ratio': 'config.augment.crop_ratio',
             'interpolation': 'config.data.interpolation'}
     return (ViewSpec('views', count=2, size=a.size, crop_scale=tuple(a.crop_scale),
                      crop_ratio=tuple(a.crop_ratio), flip_prob=0.5 if a.flip else 0.0,
-                     interpolation=self.config.data.interpolation, config_keys=keys),)
+                     interpolation=config.data.interpolation, config_keys=keys),)
 
   def _views(self, views: jax.Array, rng: jax.Array) -> jax.Array:
     """uint8 host views (B, 2, S, S, C) -> coloured, normalised (B, 2, S, S, C)."""
