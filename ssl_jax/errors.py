@@ -11,3 +11,7 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointError(UserError, RuntimeError):
   """A checkpoint exists but cannot be restored into the current run."""
+
+
+class DataError(UserError, ValueError):
+  """A data source or data config the user supplied is missing or malformed."""

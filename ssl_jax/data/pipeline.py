@@ -38,8 +38,8 @@ import ml_collections
 import numpy as np
 
 from ssl_jax.data import augment
-from ssl_jax.data.images import DataError, ImageSource, open_image_source
-from ssl_jax.errors import ConfigError
+from ssl_jax.data.images import ImageSource, open_image_source
+from ssl_jax.errors import ConfigError, DataError
 
 Batch = dict[str, np.ndarray]
 

@@ -54,10 +54,10 @@ import ml_collections
 import numpy as np
 
 from ssl_jax.data import masking
-from ssl_jax.data.images import DataError
 from ssl_jax.data.pipeline import EvalBatches, per_process_batch_size, process_stream
 from ssl_jax.data.text_sources import TokenizedText, describe, tokenized_text
 from ssl_jax.data.tokenizer import Tokenizer
+from ssl_jax.errors import DataError
 
 # Seeds the masking of eval windows: the same corruption at every eval.
 EVAL_MASK_SEED = 0

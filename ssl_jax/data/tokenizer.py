@@ -38,7 +38,7 @@ import ml_collections
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from ssl_jax.data.images import DataError
+from ssl_jax.errors import DataError
 
 KINDS = ('bpe', 'wordpiece', 'char')
 OBJECTIVES = ('causal_lm', 'masked_lm')
