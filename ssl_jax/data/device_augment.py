@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax.data.augment import LUMA_601
+from ssl_jax.data.normalize import to_unit
 
 # `interpolation` -> jax.image method. Both are the kernels Pillow uses
 # (triangle; Keys cubic with a = -0.5), antialiased when shrinking.
@@ -376,7 +377,7 @@ def augment_batch(key: jax.Array, images: jax.Array,
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
     raise ValueError(f'augment_batch expects (B, H, W, 1|3) images, got shape {images.shape}')
   if images.dtype == jnp.uint8:
-    images = images.astype(jnp.float32) / 255.0
+    images = to_unit(images)
   # Float images are taken to be in [0, 1] already.
   keys = jax.random.split(key, images.shape[0])  # (B,) keys
   return jax.vmap(functools.partial(view_fn, **view_kwargs))(keys, images.astype(jnp.float32))
