@@ -11,6 +11,7 @@ from PIL import Image
 
 from ssl_jax.data import pipeline
 from ssl_jax.data.images import open_image_source
+from ssl_jax.data.tfds_source import parse_tfds_spec
 from ssl_jax.errors import DataError
 from tests.data_fixtures import data_config
 
@@ -159,6 +160,16 @@ def test_tfds_unprepared_fails_fast_naming_the_data_dir(tmp_path):
     open_image_source('tfds:mnist', tfds_dir=str(tmp_path))
   with pytest.raises(DataError, match='TFDS has no dataset named .no_such_dataset_xyz.'):
     open_image_source('tfds:no_such_dataset_xyz', tfds_dir=str(tmp_path))
+
+
+def test_tfds_spec_parsing_shared_by_image_and_text_sources():
+  assert parse_tfds_spec('mnist', 'tfds:mnist') == ('mnist', 'train')
+  assert parse_tfds_spec('imagenet2012/subset:5.1.0:train[:99%]', 's') == (
+      'imagenet2012/subset:5.1.0', 'train[:99%]')
+  assert parse_tfds_spec('wikipedia/20230601.en:train[:5%]', 's') == (
+      'wikipedia/20230601.en', 'train[:5%]')
+  with pytest.raises(DataError, match=r'tfds:\[x\]: expected tfds:NAME\[:SPLIT\]'):
+    parse_tfds_spec('[x]', 'tfds:[x]')
 
 
 class SslJaxTinyImages(tfds.core.GeneratorBasedBuilder):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ssl_jax.data import augment
 from ssl_jax.data import device_augment as da
+from ssl_jax.data import device_crop as dc
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -66,7 +67,7 @@ NP_OPS = [_np_brightness, _np_contrast, _np_saturation, _np_hue]
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def _boxes(keys, height, width, scale, ratio):
-  return jax.vmap(lambda k: da.random_resized_crop_box(k, height, width, scale, ratio))(keys)
+  return jax.vmap(lambda k: dc.random_resized_crop_box(k, height, width, scale, ratio))(keys)
 
 
 def test_crop_box_statistics():
@@ -100,7 +101,7 @@ def test_crop_box_distribution_matches_the_host_sampler():
   # A 10x40 strip cannot hold a full-area square: torchvision's center fallback.
   for height, width, ratio in ((10, 40, (1, 1)), (40, 10, (0.5, 1)), (41, 11, (0.5, 1))):
     want = augment.random_resized_crop_box(height, width, rng, (1, 1), ratio)
-    got = da.random_resized_crop_box(jax.random.key(0), height, width, (1, 1), ratio)
+    got = dc.random_resized_crop_box(jax.random.key(0), height, width, (1, 1), ratio)
     assert tuple(np.asarray(got)) == want
 
 
@@ -109,7 +110,7 @@ def test_crop_box_distribution_matches_the_host_sampler():
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _resized_crop(image, box, size, interpolation):
-  return da.resized_crop(image, box, size, interpolation)
+  return dc.resized_crop(image, box, size, interpolation)
 
 
 @pytest.mark.parametrize('interpolation,pil_filter', [
@@ -129,7 +130,7 @@ def test_resized_crop_equals_pillow_crop_then_resize(interpolation, pil_filter):
 
 def test_full_square_crop_is_a_plain_resize():
   image = _image((20, 20, 3), seed=2)
-  crop = jax.jit(jax.vmap(lambda k: da.random_resized_crop(
+  crop = jax.jit(jax.vmap(lambda k: dc.random_resized_crop(
       k, image, 12, scale=(1, 1), ratio=(1, 1), interpolation='bicubic')))
   for got in crop(_keys(3)):
     want = jax.image.resize(image, (12, 12, 3), 'cubic', antialias=True)
@@ -138,8 +139,8 @@ def test_full_square_crop_is_a_plain_resize():
 
 def test_flip():
   image = _image((3, 4, 1))
-  np.testing.assert_array_equal(da.horizontal_flip(jax.random.key(0), image, 1.0), image[:, ::-1])
-  np.testing.assert_array_equal(da.horizontal_flip(jax.random.key(0), image, 0.0), image)
+  np.testing.assert_array_equal(dc.horizontal_flip(jax.random.key(0), image, 1.0), image[:, ::-1])
+  np.testing.assert_array_equal(dc.horizontal_flip(jax.random.key(0), image, 0.0), image)
 
 
 # -------------------------------------------------------------------- colour ---
@@ -254,7 +255,7 @@ def test_solarize():
 
 @jax.jit
 def _application_rates(keys, image):
-  ops = {'flip': lambda k, x, p: da.horizontal_flip(k, x, p),
+  ops = {'flip': lambda k, x, p: dc.horizontal_flip(k, x, p),
          'grayscale': lambda k, x, p: da.grayscale(k, x, p),
          'blur': lambda k, x, p: da.gaussian_blur(k, x, p, (1.0, 2.0), kernel_size=3),
          'solarize': lambda k, x, p: da.solarize(k, x, p),
@@ -277,12 +278,12 @@ def test_application_probabilities():
 
 @functools.partial(jax.jit, static_argnums=2)
 def _views(key, images, blur_prob):
-  return da.augment_batch(key, images, da.simclr_view, size=12, blur_prob=blur_prob)
+  return da.augment_batch(key, images, dc.simclr_view, size=12, blur_prob=blur_prob)
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _one_view(key, image, blur_prob):
-  return da.simclr_view(key, image.astype(jnp.float32) / 255, size=12, blur_prob=blur_prob)
+  return dc.simclr_view(key, image.astype(jnp.float32) / 255, size=12, blur_prob=blur_prob)
 
 
 @pytest.mark.parametrize('channels', [1, 3])

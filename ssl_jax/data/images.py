@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import os
-import re
 import struct
 import zipfile
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ssl_jax.data.tfds_source import open_tfds
 from ssl_jax.errors import DataError
 
 SPEC_FORMS = (
@@ -300,65 +300,11 @@ def _open_folder(root: str, name: str) -> ImageSource:
 
 # ------------------------------------------------------------------- tfds ---
 
-# NAME may carry a config and a version ('imagenet2012/subset:5.1.0'); the
-# split may hold ':' inside its slice ('train[:99%]').
-_TFDS_SPEC = re.compile(r'^(?P<name>[^:\[\]]+(?::\d+\.\d+\.\d+)?)(?::(?P<split>.+))?$')
-
-
-def _tfds_prepare_hint(name: str, data_dir: str) -> str:
-  """How to build the array_record files that grain reads, for `name`."""
-  build = f'tfds build {name} --data_dir={data_dir} --file_format=array_record'
-  if name.split('/')[0].split(':')[0] == 'imagenet2012':
-    steps = ('download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
-             f'from image-net.org into {data_dir}/downloads/manual/, then '
-             f'`pip install tensorflow` and `{build}`')
-  else:
-    steps = f'`pip install tensorflow` and `{build}`'
-  return (f'To prepare it: {steps}. Or, without TensorFlow, use an image folder: '
-          '--config.data.source=folder:PATH')
-
 
 def _open_tfds(rest: str, spec: str, tfds_dir: str | None) -> ImageSource:
-  """Opens a prepared TFDS dataset through its array_record data source."""
-  match = _TFDS_SPEC.match(rest)
-  if not match:
-    raise DataError(f'{spec}: expected tfds:NAME[:SPLIT], e.g. tfds:imagenet2012:validation')
-  name, split = match['name'], match['split'] or 'train'
-  # Imported here: only this source needs it (~0.4 s).
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  data_dir = tfds_dir or tfds.core.constants.get_default_data_dir()
-  try:
-    builder = tfds.builder(name, data_dir=tfds_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise DataError(f'{spec}: TFDS has no dataset named {name!r} (data dir {data_dir}); see '
-                    'https://www.tensorflow.org/datasets/catalog for names, or use an image '
-                    'folder: --config.data.source=folder:PATH') from e
-  # Checked here rather than left to tfds: with download=True unprepared data
-  # hangs ~200 s on the network, and with download=False tfds raises a
-  # misleading 'Random access ... FileFormat.TFRECORD is not supported'.
-  if not builder.is_prepared():
-    raise DataError(
-        f'{spec}: TFDS dataset {name!r} is not prepared in data dir '
-        f'{builder.data_dir_root} (looked for {builder.data_path}). '
-        + _tfds_prepare_hint(name, str(builder.data_dir_root)))
-  file_format = str(builder.info.file_format)
-  if not any(f in file_format.upper() for f in ('ARRAY_RECORD', 'PARQUET')):
-    raise DataError(
-        f'{spec}: {builder.data_path} was prepared as {file_format}, which has no random '
-        'access for grain: rebuild it with --file_format=array_record. '
-        + _tfds_prepare_hint(name, str(builder.data_dir_root)))
-  features = builder.info.features
-  if 'image' not in features:
-    raise DataError(f'{spec}: the dataset has features {list(features)}; expected an `image` '
-                    'feature')
+  """Opens a prepared TFDS dataset with an `image` feature through its data source."""
+  data_source, features = open_tfds(rest, spec, tfds_dir, feature='image',
+                                    alternative=('an image folder', 'folder:PATH'))
   has_labels = 'label' in features
   num_classes = getattr(features['label'], 'num_classes', None) if has_labels else None
-  try:
-    # Same as tfds.data_source(name, split=..., download=False) on the
-    # builder already checked above.
-    data_source = builder.as_data_source(split=split)
-  except (ValueError, KeyError) as e:
-    raise DataError(f'{spec}: bad split {split!r}; the dataset has splits '
-                    f'{list(builder.info.splits)}: {e}') from e
   return TfdsImageSource(spec, data_source, num_classes, has_labels)

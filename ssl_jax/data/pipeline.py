@@ -172,6 +172,12 @@ def per_process_batch_size(batch_size: int, process_count: int, what: str) -> in
   return batch_size // process_count
 
 
+def check_process_index(process_index: int, process_count: int) -> None:
+  """ValueError unless 0 <= process_index < process_count."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
+
+
 def _read_options(data: ml_collections.ConfigDict) -> grain.ReadOptions:
   """Threads that keep `data.prefetch` batches ready in this process."""
   # One element of the grain stream is a whole batch, so `prefetch` threads
@@ -206,8 +212,7 @@ def train_dataset(
     raise ConfigError(f'view specs {[spec.name for spec in views]}: expected at least one, '
                       "with distinct names other than 'label' and 'image'")
   batch_size = per_process_batch_size(data.batch_size, process_count, 'config.data.batch_size')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
+  check_process_index(process_index, process_count)
   if seed < 0:
     raise DataError(f'seed={seed}: grain needs a non-negative seed')
   source = open_image_source(data.source, tfds_dir=data.tfds_dir)
@@ -322,25 +327,40 @@ def eval_batches(
   """
   _check_config(data, _EVAL_KEYS)
   local_batch = per_process_batch_size(batch_size, process_count, 'eval batch_size')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
+  check_process_index(process_index, process_count)
   source = open_image_source(source_spec, tfds_dir=data.tfds_dir)
   transform = EvalTransform(data.image_size, data.eval_crop_fraction, data.channels,
                             data.interpolation)
   transform.map(source[0])  # An unreadable source fails here, not mid-eval.
 
-  # The largest share decides the batch count every process must yield.
-  num_batches = math.ceil(math.ceil(len(source) / process_count) / local_batch)
-  share = grain.MapDataset.source(source)[process_index::process_count].map(transform)
+  filler = {
+      'image': np.zeros((data.image_size, data.image_size, data.channels), np.uint8),
+      'label': np.int32(-1),
+      'valid': np.bool_(False),
+  }
+  return padded_eval_batches(grain.MapDataset.source(source).map(transform), filler, data,
+                             local_batch=local_batch, process_index=process_index,
+                             process_count=process_count)
+
+
+def padded_eval_batches(examples: grain.MapDataset, filler: dict[str, Any],
+                        data: ml_collections.ConfigDict, *, local_batch: int,
+                        process_index: int, process_count: int) -> EvalBatches:
+  """In-order batches of this process's share of `examples`, the last ones filled with `filler`.
+
+  Process p gets examples p, p + P, p + 2P, ... (P = process_count) in
+  batches of `local_batch`; the largest share decides the batch count, so
+  every process yields the same number of batches and collectives over hosts
+  line up. `filler` is one padding example, which the caller marks as not
+  counting (valid=False, weight 0). `num_examples` of the result is
+  len(examples), the real examples over all processes.
+  """
+  num_batches = math.ceil(math.ceil(len(examples) / process_count) / local_batch)
+  share = examples[process_index::process_count]
   num_padding = num_batches * local_batch - len(share)
   parts = [share] if len(share) else []
   if num_padding:
-    filler = {
-        'image': np.zeros((data.image_size, data.image_size, data.channels), np.uint8),
-        'label': np.int32(-1),
-        'valid': np.bool_(False),
-    }
     parts.append(grain.MapDataset.range(num_padding).map(lambda _: filler))
   dataset = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
   iterator = iter(dataset.batch(local_batch).to_iter_dataset(_read_options(data)))
-  return EvalBatches(iterator, num_batches, len(source))
+  return EvalBatches(iterator, num_batches, len(examples))

@@ -54,7 +54,13 @@ import ml_collections
 import numpy as np
 
 from ssl_jax.data import masking
-from ssl_jax.data.pipeline import EvalBatches, per_process_batch_size, process_stream
+from ssl_jax.data.pipeline import (
+  EvalBatches,
+  check_process_index,
+  padded_eval_batches,
+  per_process_batch_size,
+  process_stream,
+)
 from ssl_jax.data.text_sources import TokenizedText, describe, tokenized_text
 from ssl_jax.data.tokenizer import Tokenizer
 from ssl_jax.errors import DataError
@@ -152,12 +158,6 @@ def _windows(text: TokenizedText, data: ml_collections.ConfigDict, split: str, s
                        mask_prob, seed, epoch_length)
 
 
-def _check_process(process_index: int, process_count: int) -> None:
-  """ValueError unless 0 <= process_index < process_count."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
-
-
 def train_dataset(
     data: ml_collections.ConfigDict,
     *,
@@ -176,7 +176,7 @@ def train_dataset(
   memory only). Every user error is raised here, not at next().
   """
   batch_size = per_process_batch_size(data.batch_size, process_count, 'config.data.batch_size')
-  _check_process(process_index, process_count)
+  check_process_index(process_index, process_count)
   if seed < 0:
     raise DataError(f'seed={seed}: grain needs a non-negative seed')
   text = tokenized_text(data, workdir)
@@ -216,23 +216,16 @@ def eval_batches(
   `num_examples` of the result counts the real windows over all processes.
   """
   local_batch = per_process_batch_size(batch_size, process_count, 'eval batch_size')
-  _check_process(process_index, process_count)
+  check_process_index(process_index, process_count)
   text = tokenized_text(data, workdir)
   transform = _windows(text, data, 'val', EVAL_MASK_SEED, epoch_length=None)
   num_windows = num_eval_windows(len(text.val), data.objective, data.seq_len)
   # Masking draws depend on the global window index, not on the process share.
   windows = grain.MapDataset.range(num_windows).map_with_index(transform)
-  share = windows[process_index::process_count]
-  num_batches = math.ceil(math.ceil(num_windows / process_count) / local_batch)
-  num_padding = num_batches * local_batch - len(share)
-  parts = [share] if len(share) else []
-  if num_padding:
-    filler = transform.map_with_index(0, -1)
-    parts.append(grain.MapDataset.range(num_padding).map(lambda _: filler))
-  dataset = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
-  iterator = iter(dataset.batch(local_batch).to_iter_dataset(
-      grain.ReadOptions(num_threads=data.prefetch, prefetch_buffer_size=data.prefetch)))
-  return EvalBatches(iterator, num_batches, num_windows)
+  # Window index -1 is an empty window: all padding, weight 0.
+  return padded_eval_batches(windows, transform.map_with_index(0, -1), data,
+                             local_batch=local_batch, process_index=process_index,
+                             process_count=process_count)
 
 
 def most_frequent_share(tokens: np.ndarray, special_ids: tuple[int, ...]) -> float:

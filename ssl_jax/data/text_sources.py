@@ -39,6 +39,7 @@ import sys
 import ml_collections
 import numpy as np
 
+from ssl_jax.data.tfds_source import open_tfds
 from ssl_jax.data.tokenizer import OBJECTIVES, Tokenizer, tokenizer_for_run
 from ssl_jax.errors import DataError
 
@@ -107,40 +108,13 @@ def _read_text_file(path: str, spec: str) -> str:
 
 
 def _open_tfds_text(rest: str, spec: str, tfds_dir: str | None):
-  """The array_record data source of a prepared TFDS text dataset."""
-  name, _, split = rest.partition(':')
-  split = split or 'train'
-  # Imported here: only this source needs it (~0.4 s).
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
+  """The data source of a prepared TFDS dataset with a `text` feature."""
   # Registers the text builders that tfds.builder does not find by itself (c4, wikipedia).
   import tensorflow_datasets.text  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
 
-  data_dir = tfds_dir or tfds.core.constants.get_default_data_dir()
-  hint = (f'To prepare it: `pip install tensorflow` and `tfds build {name} --data_dir='
-          f'{data_dir} --file_format=array_record`. Or use a text file: '
-          '--config.data.source=text:PATH')
-  try:
-    builder = tfds.builder(name, data_dir=tfds_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise DataError(f'{spec}: TFDS has no dataset named {name!r} (data dir {data_dir}); see '
-                    'https://www.tensorflow.org/datasets/catalog for names, or use a text '
-                    'file: --config.data.source=text:PATH') from e
-  # Unprepared data with download=True hangs on the network; check first.
-  if not builder.is_prepared():
-    raise DataError(f'{spec}: TFDS dataset {name!r} is not prepared in data dir '
-                    f'{builder.data_dir_root} (looked for {builder.data_path}). {hint}')
-  if 'ARRAY_RECORD' not in str(builder.info.file_format).upper():
-    raise DataError(f'{spec}: {builder.data_path} was prepared as {builder.info.file_format}, '
-                    f'which grain cannot read: rebuild it with --file_format=array_record. {hint}')
-  if 'text' not in builder.info.features:
-    raise DataError(f'{spec}: the dataset has features {list(builder.info.features)}; expected '
-                    'a `text` feature')
-  try:
-    return builder.as_data_source(split=split)
-  except (ValueError, KeyError) as e:
-    raise DataError(f'{spec}: bad split {split!r}; the dataset has splits '
-                    f'{list(builder.info.splits)}: {e}') from e
+  data_source, _ = open_tfds(rest, spec, tfds_dir, feature='text',
+                             alternative=('a text file', 'text:PATH'))
+  return data_source
 
 
 def source_fingerprint(spec: str, tfds_dir: str | None = None) -> str:

@@ -33,7 +33,7 @@ from flax import nnx
 
 from ssl_jax import losses, optim
 from ssl_jax.data import device_augment
-from ssl_jax.data.normalize import denormalize, normalize
+from ssl_jax.data.normalize import denormalize, normalize, standardize
 from ssl_jax.data.pipeline import ViewSpec
 from ssl_jax.methods.base import Batch, Method, Metrics
 from ssl_jax.models.heads import DINOHead
@@ -172,11 +172,6 @@ class DINO(Method):
   # ----------------------------------------------------------------------------
   # Views, loss and the teacher update.
   # ----------------------------------------------------------------------------
-  def _normalize01(self, images01: jax.Array) -> jax.Array:
-    mean = jnp.asarray(self.config.data.mean, jnp.float32)
-    std = jnp.asarray(self.config.data.std, jnp.float32)
-    return (images01 - mean) / std
-
   @classmethod
   def view_specs(cls, config: ml_collections.ConfigDict) -> tuple[ViewSpec, ...]:
     """2 global crops and `num_local_crops` local crops of the whole image, each maybe flipped."""
@@ -213,8 +208,9 @@ class DINO(Method):
         global_solarize_probs=tuple(a.global_solarize_probs),
         local_blur_prob=a.local_blur_prob, blur_sigma=tuple(a.blur_sigma),
         blur_kernel_size=a.blur_kernel_size)
-    return (self._normalize01(global_views),
-            None if local_views is None else self._normalize01(local_views))
+    mean, std = self.config.data.mean, self.config.data.std
+    return (standardize(global_views, mean, std),
+            None if local_views is None else standardize(local_views, mean, std))
 
   def loss_fn(self, model: DINOModel, batch: Batch, rng: jax.Array,
               step: jax.Array) -> tuple[jax.Array, Metrics]:

@@ -22,7 +22,7 @@ from flax import nnx
 
 from ssl_jax import losses
 from ssl_jax.data import device_augment
-from ssl_jax.data.normalize import denormalize
+from ssl_jax.data.normalize import denormalize, normalize, standardize
 from ssl_jax.data.pipeline import ViewSpec
 from ssl_jax.methods.base import Batch, Method, Metrics
 from ssl_jax.models.heads import LinearProbe, ProjectionMLP, probe_loss_and_accuracy
@@ -99,12 +99,7 @@ class SimCLR(Method):
     coloured = device_augment.augment_views(
         rng, views, device_augment.simclr_colour, jitter_strength=a.jitter_strength,
         jitter_prob=a.jitter_prob, grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob)
-    return self._normalize(coloured)
-
-  def _normalize(self, images01: jax.Array) -> jax.Array:
-    mean = jnp.asarray(self.config.data.mean, jnp.float32)
-    std = jnp.asarray(self.config.data.std, jnp.float32)
-    return (images01 - mean) / std
+    return standardize(coloured, self.config.data.mean, self.config.data.std)
 
   def loss_fn(self, model: SimCLRModel, batch: Batch, rng: jax.Array,
               step: jax.Array) -> tuple[jax.Array, Metrics]:
@@ -128,8 +123,8 @@ class SimCLR(Method):
 
   def features(self, encoder: ResNet, images: jax.Array) -> jax.Array:
     """uint8 images -> pooled ResNet features, BatchNorm in inference mode."""
-    images01 = images.astype(jnp.float32) / 255.0
-    return encoder(self._normalize(images01), train=False)['pooled'].astype(jnp.float32)
+    images = normalize(images, self.config.data.mean, self.config.data.std)
+    return encoder(images, train=False)['pooled'].astype(jnp.float32)
 
   def classify(self, model: SimCLRModel, images: jax.Array) -> jax.Array:
     """uint8 images -> the online probe's logits."""
