@@ -28,7 +28,8 @@ def _block(defaults: dict[str, Any], overrides: dict[str, Any],
   merged = dict(defaults)
   for key, value in overrides.items():
     if isinstance(defaults[key], dict):
-      value = dict(_block(defaults[key], dict(value), f'{name}.{key}'))
+      _block(defaults[key], dict(value), f'{name}.{key}')  # Checks the sub-block's keys.
+      value = {**defaults[key], **value}
     merged[key] = value
   return ml_collections.ConfigDict(merged)
 
@@ -52,19 +53,22 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 # the command line (`--config.eval.knn.enabled=True`) and a method that
 # cannot do it is refused at setup, by name. `every`: steps between runs;
 # None follows `train.eval_every`, 0 runs it only at the end. Every enabled
-# evaluation also runs at the end of training.
-EVALUATIONS = {
-    # Weighted kNN on frozen features, train_source votes for test_source (DINO's eval_knn).
-    'knn': dict(enabled=False, every=placeholder(int), k=20, temperature=0.07),
-    # Offline softmax classifier fitted to frozen, standardised train_source features.
-    'linear_probe': dict(enabled=False, every=placeholder(int), steps=300, lr=0.01),
-    # Top-1 on test_source of the probe a method trains alongside (SimCLR).
-    'online_probe': dict(enabled=False, every=placeholder(int)),
-    # The pretext task on held-out data (a language model's validation loss, accuracy).
-    'held_out': dict(enabled=False, every=placeholder(int)),
-    # The method's picture (reconstructions, views, attention maps) under images/.
-    'pictures': dict(enabled=False, every=placeholder(int)),
-}
+# evaluation also runs at the end of training. A function, not a constant: a
+# placeholder is a reference, which configs must not share.
+def evaluation_blocks() -> dict[str, dict[str, Any]]:
+  """{evaluation name: its default block}, fresh on every call."""
+  return {
+      # Weighted kNN on frozen features, train_source votes for test_source (DINO's eval_knn).
+      'knn': dict(enabled=False, every=placeholder(int), k=20, temperature=0.07),
+      # Offline softmax classifier fitted to frozen, standardised train_source features.
+      'linear_probe': dict(enabled=False, every=placeholder(int), steps=300, lr=0.01),
+      # Top-1 on test_source of the probe a method trains alongside (SimCLR).
+      'online_probe': dict(enabled=False, every=placeholder(int)),
+      # The pretext task on held-out data (a language model's validation loss, accuracy).
+      'held_out': dict(enabled=False, every=placeholder(int)),
+      # The method's picture (reconstructions, views, attention maps) under images/.
+      'pictures': dict(enabled=False, every=placeholder(int)),
+  }
 
 
 def eval_config(**overrides) -> ml_collections.ConfigDict:
@@ -81,7 +85,7 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
       test_source='',
       batch_size=1024,
       random_init_baseline=False,
-      **EVALUATIONS,
+      **evaluation_blocks(),
   ), overrides, 'config.eval')
 
 

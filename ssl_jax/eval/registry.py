@@ -1,7 +1,7 @@
 """The evaluations a config may enable, by name, and the setup-time check of a config.
 
 `config.eval.<name>` is the block of evaluation `<name>` (its defaults are in
-`ssl_jax.config_blocks.EVALUATIONS`): `enabled`, `every` (its cadence) and
+`ssl_jax.config_blocks.evaluation_blocks`): `enabled`, `every` (its cadence) and
 its own settings. A new evaluation (e.g. fine-tuning) is a class with
 `requires`, `run` and `summary` (see `base.Evaluation`), an entry here and
 a default block there.
@@ -9,7 +9,7 @@ a default block there.
 
 import ml_collections
 
-from ssl_jax.config_blocks import EVALUATIONS
+from ssl_jax.config_blocks import evaluation_blocks
 from ssl_jax.errors import ConfigError
 from ssl_jax.eval.base import Context, Evaluation
 from ssl_jax.eval.held_out import HeldOut
@@ -24,7 +24,7 @@ REGISTRY: dict[str, type[Evaluation]] = {
     'held_out': HeldOut,
     'pictures': Pictures,
 }
-assert set(REGISTRY) == set(EVALUATIONS), 'every evaluation needs a default config block'
+assert set(REGISTRY) == set(evaluation_blocks()), 'every evaluation needs a default config block'
 
 
 def enabled(config: ml_collections.ConfigDict) -> list[str]:
