@@ -246,7 +246,9 @@ class Block(nnx.Module):
     """(B, T, D) new tokens with a KV cache (`Attention.decode`) -> (B, T, D), the cache."""
     return self._residuals(x, lambda h: self.attn.decode(h, mask, cache, index), None, None, None)
 
-  def _residuals(self, x, attention, drop_path_key, attn_out_rng, mlp_out_rng):
+  def _residuals(self, x: jax.Array, attention: Any, drop_path_key: jax.Array | None,
+                 attn_out_rng: jax.Array | None,
+                 mlp_out_rng: jax.Array | None) -> tuple[jax.Array, Any]:
     """The two residual branches around `attention` (h -> (out, extra)) and the MLP."""
     attn_key = mlp_key = None
     if drop_path_key is not None:
