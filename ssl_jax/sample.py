@@ -26,7 +26,7 @@ from ssl_jax.data.tokenizer import FILENAME, Tokenizer, load_tokenizer
 from ssl_jax.errors import UserError
 from ssl_jax.methods.language import LanguageModelMethod
 from ssl_jax.models import sampling
-from ssl_jax.models.transformer import TransformerLM
+from ssl_jax.models.lm import TransformerLM
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a GPT run (configs/gpt.py).')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue ("" starts a new document).')

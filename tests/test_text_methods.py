@@ -15,7 +15,7 @@ from ssl_jax import checkpoint, methods, sharding, train
 from ssl_jax import optim as optim_lib
 from ssl_jax.data import streams, text_sources
 from ssl_jax.errors import CheckpointError, ConfigError
-from ssl_jax.models import transformer
+from ssl_jax.models import lm
 from ssl_jax.models.transformer import count_params
 from tests.test_transformer import np_mlp
 
@@ -325,7 +325,7 @@ def test_char_mlp_is_erf_gelu_without_biases():
   method = methods.create(config)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   with sharding.activate(mesh, sharding.logical_rules(config.mesh)):
-    mlp = transformer.Mlp(method.transformer_config(), rngs=nnx.Rngs(0))
+    mlp = lm.block(method.transformer_config(), rngs=nnx.Rngs(0)).mlp  # The LM's own Mlp.
   params = jax.tree.map(lambda a: np.asarray(a, np.float64),
                         nnx.to_pure_dict(nnx.state(mlp, nnx.Param)))
   assert params['fc1'].keys() == params['fc2'].keys() == {'kernel'}

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssl_jax.models.vit import partitioned, torch_default_uniform, torch_trunc_normal
+from ssl_jax.models.initializers import partitioned, torch_default_uniform, torch_trunc_normal
 
 
 def batch_norm(features: int, *, use_bias: bool = True, rngs: nnx.Rngs) -> nnx.BatchNorm:

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ssl_jax.models.transformer import TransformerLM
+from ssl_jax.models.lm import TransformerLM
 
 Params = dict[str, Any]
 StateDict = dict[str, np.ndarray]

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from ssl_jax.errors import ConfigError
-from ssl_jax.models.vit import partitioned
+from ssl_jax.models.initializers import partitioned
 
 Dtype = Any
 

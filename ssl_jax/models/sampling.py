@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssl_jax.models.transformer import TransformerLM
+from ssl_jax.models.lm import TransformerLM
 
 
 def choose_next(logits: jax.Array, key: jax.Array, temperature: jax.Array | float,

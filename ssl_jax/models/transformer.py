@@ -1,90 +1,40 @@
-"""One transformer language model for GPT-2 (causal, pre-LN) and BERT (bidirectional, post-LN).
+"""The transformer core shared by the ViT, MAE's decoder, GPT-2 and BERT.
 
-What follows whom:
-- GPT-2 (Radford et al. 2019) as in nanoGPT's `model.py` and Hugging Face's
-  `modeling_gpt2.py`: learned positions, pre-LayerNorm blocks with eps 1e-5,
-  tanh-approximated GELU, a final LayerNorm, the output head tied to the
-  token embedding, N(0, 0.02) init with the residual projections (attention
-  output, second MLP layer) scaled by 1/sqrt(2 * depth).
-- nanoGPT's own training runs (karpathy/nanoGPT 3adf61e) differ from GPT-2
-  in two switches: `use_bias=False` (train.py L56 `bias = False`, read by
-  model.py L116: no bias in any Linear or LayerNorm, model.py L18-27, L35-37,
-  L82-84) and `gelu='erf'` (model.py L83 `nn.GELU()`, PyTorch's exact form).
-- BERT (Devlin et al. 2018) as in Hugging Face's `modeling_bert.py`: word +
-  position + token-type embeddings followed by a LayerNorm, post-LayerNorm
-  blocks with eps 1e-12, exact (erf) GELU, and the MLM head (dense -> GELU ->
-  LayerNorm -> tied decoder + output bias); N(0, 0.02) init, no scaling.
-- The KV cache follows the idea of the Flax lm1b example's `decode=True`
-  attention (write the new keys/values at the current index, mask the rest),
-  but keeps the cache as an explicit pytree argument instead of module state,
-  so decoding is a pure function that `jax.jit` and `lax.scan` take as is.
+One `Attention` (fused qkv, optional bias, padding masks, causal masking and
+a KV cache), one `Mlp` (tanh or erf GELU), one `Block` (pre- or post-norm,
+LayerNorm eps, dropout as Hugging Face GPT-2/BERT place it, stochastic depth
+as DINO's `drop_path`) and one `Transformer` stack with a final LayerNorm
+(the ViT encoder and MAE's decoder, timm's `Block` layout). `lm.py` builds
+GPT-2 and BERT from the same blocks; `vit.py` builds the ViT. Callers choose
+the initialisers (`ssl_jax.models.initializers`): MAE xavier-uniform, DINO
+trunc-normal, GPT/BERT normal(0.02) with GPT-2's residual scaling, passed as
+`kernel_init` (qkv, fc1) and `residual_init` (proj, fc2: the layers that
+write into the residual stream).
 
-The fused qkv kernel (D, 3, heads, head_dim) is laid out like GPT-2's
-`c_attn` weight (D, 3D) reshaped, so checkpoints map by reshape alone. Every
-parameter carries logical axis names (`vocab`, `embed`, `mlp`, `heads`,
-`kv`) that `ssl_jax.sharding` maps onto the (data, fsdp, tensor) mesh:
-attention heads, MLP hidden units and the vocabulary split over `tensor`.
+Attention goes through `jax.nn.dot_product_attention` (cuDNN's fused kernel
+when asked for on GPU) unless the caller needs the weights (DINO's attention
+maps, the ViT's `attention` output) or attention dropout is on: those take
+the explicit softmax path, which returns the (B, heads, T, S) weights. The
+fused qkv kernel (D, 3, heads, head_dim) is laid out like timm's `qkv` and
+GPT-2's `c_attn` weight reshaped, so checkpoints map by reshape alone. Every
+parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`).
+
+The language model's names (`TransformerLM`, `TransformerConfig`,
+`gpt2_config`, `bert_config`) live in `lm.py` and stay importable from here.
 """
 
-import dataclasses
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ssl_jax.errors import ConfigError
-from ssl_jax.models.vit import partitioned
+from ssl_jax.models.initializers import KernelInit, partitioned, xavier_uniform
 
-Cache = list[dict[str, jax.Array]]  # per layer: key and value, each (B, S, heads, head_dim)
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformerConfig:
-  """Architecture of a `TransformerLM`; the defaults are GPT-2 124M."""
-
-  vocab_size: int = 50257
-  max_len: int = 1024
-  width: int = 768
-  depth: int = 12
-  num_heads: int = 12
-  mlp_dim: int = 3072
-  causal: bool = True
-  norm: str = 'pre'  # 'pre' (GPT-2) or 'post' (BERT).
-  layer_norm_eps: float = 1e-5
-  gelu: str = 'tanh'  # 'tanh' (GPT-2's gelu_new) or 'erf' (BERT, nanoGPT's nn.GELU()).
-  use_bias: bool = True  # Biases in every Linear and LayerNorm; False: nanoGPT's bias=False.
-  type_vocab_size: int = 0  # Token-type (segment) embeddings; 0 = none.
-  embed_norm: bool = False  # LayerNorm after summing the embeddings (BERT).
-  head: str = 'tied'  # 'tied' (GPT-2: logits = h E^T) or 'mlm' (BERT's transform head).
-  dropout_rate: float = 0.0
-  init_std: float = 0.02
-  scale_residual_init: bool = True  # std / sqrt(2 depth) on residual projections.
-  dtype: Any = 'float32'  # Compute dtype; parameters are always float32.
-  remat: bool = False
-
-  def __post_init__(self):
-    choices = {'norm': ('pre', 'post'), 'gelu': ('tanh', 'erf'), 'head': ('tied', 'mlm')}
-    for name, allowed in choices.items():
-      if getattr(self, name) not in allowed:
-        raise ConfigError(f'transformer {name}={getattr(self, name)!r} is not one of {allowed}')
-    if self.width % self.num_heads:
-      raise ConfigError(f'transformer width {self.width} is not divisible by '
-                        f'num_heads {self.num_heads}')
-
-
-def gpt2_config(**overrides: Any) -> TransformerConfig:
-  """GPT-2: causal, pre-LN, eps 1e-5, tanh GELU, tied head (defaults are 124M)."""
-  return TransformerConfig(**overrides)
-
-
-def bert_config(**overrides: Any) -> TransformerConfig:
-  """BERT: bidirectional, post-LN, eps 1e-12, erf GELU, segments, MLM head (base size)."""
-  bert = dict(vocab_size=30522, max_len=512, causal=False, norm='post', layer_norm_eps=1e-12,
-              gelu='erf', type_vocab_size=2, embed_norm=True, head='mlm',
-              scale_residual_init=False)
-  return TransformerConfig(**{**bert, **overrides})
+Dtype = Any
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -100,82 +50,152 @@ def split_rng(rng: jax.Array | None, num: int) -> list[jax.Array | None]:
   return [None] * num if rng is None else list(jax.random.split(rng, num))
 
 
-def layer_norm(config: TransformerConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """LayerNorm with the config's eps (and bias); exact variance (BERT's eps 1e-12 is tiny)."""
+def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Stochastic depth on a residual branch (B, ...): timm / DINO's `drop_path`.
+
+  facebookresearch/dino vision_transformer.py lines 27-35: each example's
+  branch is zeroed with probability `rate` and kept ones are scaled by
+  1 / (1 - rate), so the expectation is unchanged. No key (or rate 0): the
+  identity, as `drop_path(..., training=False)`. The mask has one entry per
+  row of `x` drawn from `key` for the whole (global) batch, so it does not
+  depend on how the batch is sharded.
+  """
+  if key is None or rate == 0.0:
+    return x
+  keep_prob = 1.0 - rate
+  keep = jax.random.bernoulli(key, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return x * (keep / keep_prob).astype(x.dtype)
+
+
+def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
+  """Block i's rate: linear from 0 at the first block to `drop_path_rate` at the last.
+
+  DINO's stochastic depth decay rule, vision_transformer.py line 150:
+  `torch.linspace(0, drop_path_rate, depth)`.
+  """
+  return [float(rate) for rate in np.linspace(0.0, drop_path_rate, depth)]
+
+
+def layer_norm(width: int, *, eps: float = 1e-6, use_bias: bool = True, dtype: Dtype,
+               rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """LayerNorm with sharded scale/bias and exact variance (BERT's eps 1e-12 is tiny)."""
   return nnx.LayerNorm(
-      config.width, epsilon=config.layer_norm_eps, use_fast_variance=False,
-      use_bias=config.use_bias, dtype=config.dtype, rngs=rngs,
+      width, epsilon=eps, use_fast_variance=False, use_bias=use_bias, dtype=dtype, rngs=rngs,
       scale_init=partitioned(nnx.initializers.ones, 'embed'),
       bias_init=partitioned(nnx.initializers.zeros, 'embed'))
 
 
-def residual_std(config: TransformerConfig) -> float:
-  """Init std of projections that write into the residual stream (GPT-2 paper, Sec. 2.3)."""
-  if config.scale_residual_init:
-    return config.init_std / math.sqrt(2 * config.depth)
-  return config.init_std
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None, *,
+                      causal: bool = False) -> jax.Array:
+  """Queries (B, T, heads, E), keys (B, S, heads, E) -> float32 softmax weights (B, heads, T, S).
+
+  `mask` (broadcastable to (B, heads, T, S), True = may attend) and `causal`
+  (query i sees keys <= i) combine. A finite fill keeps a fully masked row
+  (all padding) from becoming NaN: it attends uniformly, as the fused path does.
+  """
+  q = q * (q.shape[-1] ** -0.5)
+  logits = jnp.einsum('bqhe,bkhe->bhqk', q, k).astype(jnp.float32)
+  if causal:
+    causal_mask = jnp.tril(jnp.ones(logits.shape[-2:], bool))
+    mask = causal_mask if mask is None else mask & causal_mask
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+           causal: bool = False, need_weights: bool = False, dropout_rate: float = 0.0,
+           dropout_rng: jax.Array | None = None,
+           implementation: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+  """Scaled dot-product attention: (B, T, heads, E) -> ((B, T, heads, E), weights or None).
+
+  The fused `jax.nn.dot_product_attention` unless the weights are wanted or
+  attention dropout is on (it has none): then the explicit softmax, whose
+  weights (before dropout) come back as (B, heads, T, S).
+  """
+  if not need_weights and (dropout_rng is None or dropout_rate == 0.0):
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                       implementation=implementation)
+    return out, None
+  weights = attention_weights(q, k, mask, causal=causal).astype(v.dtype)
+  dropped = dropout(weights, dropout_rate, dropout_rng)
+  return jnp.einsum('bhqk,bkhe->bqhe', dropped, v), weights
 
 
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection and an optional KV cache."""
 
-  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-    heads, head_dim = config.num_heads, config.width // config.num_heads
-    normal = nnx.initializers.normal
+  def __init__(self, width: int, num_heads: int, *, dtype: Dtype = jnp.float32,
+               use_bias: bool = True, kernel_init: KernelInit = xavier_uniform,
+               residual_init: KernelInit | None = None, dropout_rate: float = 0.0,
+               implementation: str | None = None, rngs: nnx.Rngs):
+    if width % num_heads:
+      raise ConfigError(f'width {width} is not divisible by num_heads {num_heads}')
+    head_dim = width // num_heads
+    residual_init = residual_init or kernel_init
     self.qkv = nnx.Einsum(
-        'btd,dkhe->btkhe', (config.width, 3, heads, head_dim),
-        (3, heads, head_dim) if config.use_bias else None,
-        kernel_init=partitioned(normal(config.init_std), 'embed', None, 'heads', 'kv'),
+        'btd,dkhe->btkhe', (width, 3, num_heads, head_dim),
+        (3, num_heads, head_dim) if use_bias else None,
+        kernel_init=partitioned(kernel_init(0, (1, 2, 3)), 'embed', None, 'heads', 'kv'),
         bias_init=partitioned(nnx.initializers.zeros, None, 'heads', 'kv'),
-        dtype=config.dtype, rngs=rngs)
+        dtype=dtype, rngs=rngs)
     self.proj = nnx.Einsum(
-        'bthe,hed->btd', (heads, head_dim, config.width),
-        (config.width,) if config.use_bias else None,
-        kernel_init=partitioned(normal(residual_std(config)), 'heads', 'kv', 'embed'),
+        'bthe,hed->btd', (num_heads, head_dim, width), (width,) if use_bias else None,
+        kernel_init=partitioned(residual_init((0, 1), 2), 'heads', 'kv', 'embed'),
         bias_init=partitioned(nnx.initializers.zeros, 'embed'),
-        dtype=config.dtype, rngs=rngs)
-    self.dropout_rate = config.dropout_rate
+        dtype=dtype, rngs=rngs)
+    self.dropout_rate = dropout_rate
+    self.implementation = implementation  # jax.nn.dot_product_attention's: None, 'cudnn'.
 
-  def __call__(self, x: jax.Array, mask: jax.Array, *, cache: dict | None = None,
-               index: jax.Array | int = 0,
-               dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
-    """(B, T, D), mask (B|1, 1, T, S) -> (B, T, D) and the updated cache.
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, causal: bool = False,
+               dropout_rng: jax.Array | None = None,
+               need_weights: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """(B, T, D), mask (B|1, 1, T, T) -> ((B, T, D), weights (B, heads, T, T) or None).
 
-    Without a cache S = T. With one, the T new keys and values are written
-    at positions [index, index + T) of the (B, S, heads, head_dim) cache and
-    the queries attend over all S cached positions that `mask` allows.
+    As torch's nn.MultiheadAttention, the weights are returned unless
+    `need_weights=False`, which lets the fused kernel run.
     """
     qkv = self.qkv(x)  # (B, T, 3, heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if cache is not None:
-      start = (0, index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache['key'], k.astype(cache['key'].dtype), start)
-      v = jax.lax.dynamic_update_slice(cache['value'], v.astype(cache['value'].dtype), start)
-      cache = {'key': k, 'value': v}
-    q = q * (q.shape[-1] ** -0.5)
-    logits = jnp.einsum('bqhe,bkhe->bhqk', q, k).astype(jnp.float32)  # (B, heads, T, S)
-    # A finite fill keeps a fully masked row (all padding) from becoming NaN.
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    weights = dropout(weights, self.dropout_rate, dropout_rng)
-    out = jnp.einsum('bhqk,bkhe->bqhe', weights, v)  # (B, T, heads, head_dim)
-    return self.proj(out), cache
+    out, weights = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, causal=causal,
+                          need_weights=need_weights, dropout_rate=self.dropout_rate,
+                          dropout_rng=dropout_rng, implementation=self.implementation)
+    return self.proj(out), weights
+
+  def decode(self, x: jax.Array, mask: jax.Array, cache: dict[str, jax.Array],
+             index: jax.Array | int) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(B, T, D) new tokens -> (B, T, D) and the cache with their keys and values.
+
+    Flax lm1b's `decode=True` idea with the cache as an explicit pytree: the
+    T new keys and values are written at [index, index + T) of the
+    (B, S, heads, head_dim) cache, and the queries attend over the S cached
+    positions that `mask` (B|1, 1, T, S) allows.
+    """
+    qkv = self.qkv(x)  # (B, T, 3, heads, head_dim)
+    start = (0, index, 0, 0)
+    k = jax.lax.dynamic_update_slice(cache['key'], qkv[:, :, 1].astype(cache['key'].dtype), start)
+    v = jax.lax.dynamic_update_slice(cache['value'], qkv[:, :, 2].astype(cache['value'].dtype),
+                                     start)
+    out, _ = attend(qkv[:, :, 0].astype(k.dtype), k, v, mask, implementation=self.implementation)
+    return self.proj(out.astype(x.dtype)), {'key': k, 'value': v}
 
 
 class Mlp(nnx.Module):
-  """Feed-forward block: Linear -> GELU -> Linear."""
+  """Feed-forward block: Linear -> GELU ('erf' exact, or 'tanh' GPT-2's gelu_new) -> Linear."""
 
-  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-    normal = nnx.initializers.normal
+  def __init__(self, width: int, mlp_dim: int, *, dtype: Dtype = jnp.float32,
+               use_bias: bool = True, gelu: str = 'erf', kernel_init: KernelInit = xavier_uniform,
+               residual_init: KernelInit | None = None, rngs: nnx.Rngs):
+    if gelu not in ('erf', 'tanh'):
+      raise ConfigError(f"gelu={gelu!r}: expected 'erf' or 'tanh'")
     self.fc1 = nnx.Linear(
-        config.width, config.mlp_dim, use_bias=config.use_bias, dtype=config.dtype, rngs=rngs,
-        kernel_init=partitioned(normal(config.init_std), 'embed', 'mlp'),
+        width, mlp_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
+        kernel_init=partitioned(kernel_init(), 'embed', 'mlp'),
         bias_init=partitioned(nnx.initializers.zeros, 'mlp'))
     self.fc2 = nnx.Linear(
-        config.mlp_dim, config.width, use_bias=config.use_bias, dtype=config.dtype, rngs=rngs,
-        kernel_init=partitioned(normal(residual_std(config)), 'mlp', 'embed'),
+        mlp_dim, width, use_bias=use_bias, dtype=dtype, rngs=rngs,
+        kernel_init=partitioned((residual_init or kernel_init)(), 'mlp', 'embed'),
         bias_init=partitioned(nnx.initializers.zeros, 'embed'))
-    self.approximate_gelu = config.gelu == 'tanh'
+    self.approximate_gelu = gelu == 'tanh'
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """(B, T, D) -> (B, T, D)."""
@@ -183,155 +203,108 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-LN (x + f(norm(x))) or post-LN (norm(x + f(x))) transformer block."""
+  """Pre-LN (x + f(norm(x)); ViT, GPT-2) or post-LN (norm(x + f(x)); BERT) block.
 
-  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-    self.norm1 = layer_norm(config, rngs=rngs)
-    self.attn = Attention(config, rngs=rngs)
-    self.norm2 = layer_norm(config, rngs=rngs)
-    self.mlp = Mlp(config, rngs=rngs)
-    self.pre_norm = config.norm == 'pre'
-    self.dropout_rate = config.dropout_rate
+  Each residual branch is dropped out (`dropout_rate`, with a `dropout_rng`;
+  where HF GPT-2/BERT apply `resid_dropout` / `hidden_dropout`) and dropped
+  per example (`drop_path_rate`, with a `drop_path_key`; DINO's Block.forward,
+  vision_transformer.py lines 107-113, one DropPath draw per branch).
+  """
 
-  def __call__(self, x: jax.Array, mask: jax.Array, *, cache: dict | None = None,
-               index: jax.Array | int = 0,
-               dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
-    """(B, T, D) -> (B, T, D) and the updated cache; dropout where HF GPT-2/BERT have it."""
+  def __init__(self, width: int, num_heads: int, mlp_dim: int, *, dtype: Dtype = jnp.float32,
+               norm: str = 'pre', layer_norm_eps: float = 1e-6, gelu: str = 'erf',
+               use_bias: bool = True, kernel_init: KernelInit = xavier_uniform,
+               residual_init: KernelInit | None = None, dropout_rate: float = 0.0,
+               drop_path_rate: float = 0.0, implementation: str | None = None,
+               rngs: nnx.Rngs):
+    if norm not in ('pre', 'post'):
+      raise ConfigError(f"norm={norm!r}: expected 'pre' or 'post'")
+    inits = dict(kernel_init=kernel_init, residual_init=residual_init)
+    norm_options = dict(eps=layer_norm_eps, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    self.norm1 = layer_norm(width, **norm_options)
+    self.attn = Attention(width, num_heads, dtype=dtype, use_bias=use_bias, **inits,
+                          dropout_rate=dropout_rate, implementation=implementation, rngs=rngs)
+    self.norm2 = layer_norm(width, **norm_options)
+    self.mlp = Mlp(width, mlp_dim, dtype=dtype, use_bias=use_bias, gelu=gelu, **inits, rngs=rngs)
+    self.pre_norm = norm == 'pre'
+    self.dropout_rate = dropout_rate
+    self.drop_path_rate = float(drop_path_rate)  # Static: part of the graph, not the state.
+
+  def __call__(self, x: jax.Array, drop_path_key: jax.Array | None = None, *,
+               mask: jax.Array | None = None, causal: bool = False,
+               dropout_rng: jax.Array | None = None,
+               need_weights: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """(B, T, D) -> ((B, T, D), attention weights or None); no keys: deterministic."""
     attn_rng, attn_out_rng, mlp_out_rng = split_rng(dropout_rng, 3)
-    rate = self.dropout_rate
+
+    def attention(h: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+      return self.attn(h, mask, causal=causal, dropout_rng=attn_rng, need_weights=need_weights)
+    return self._residuals(x, attention, drop_path_key, attn_out_rng, mlp_out_rng)
+
+  def decode(self, x: jax.Array, mask: jax.Array, cache: dict[str, jax.Array],
+             index: jax.Array | int) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(B, T, D) new tokens with a KV cache (`Attention.decode`) -> (B, T, D), the cache."""
+    return self._residuals(x, lambda h: self.attn.decode(h, mask, cache, index), None, None, None)
+
+  def _residuals(self, x: jax.Array, attention: Any, drop_path_key: jax.Array | None,
+                 attn_out_rng: jax.Array | None,
+                 mlp_out_rng: jax.Array | None) -> tuple[jax.Array, Any]:
+    """The two residual branches around `attention` (h -> (out, extra)) and the MLP."""
+    attn_key = mlp_key = None
+    if drop_path_key is not None:
+      attn_key, mlp_key = jax.random.split(drop_path_key)
+
+    def branch(y: jax.Array, rng: jax.Array | None, key: jax.Array | None) -> jax.Array:
+      return drop_path(dropout(y, self.dropout_rate, rng), self.drop_path_rate, key)
     if self.pre_norm:
-      attended, cache = self.attn(self.norm1(x), mask, cache=cache, index=index,
-                                  dropout_rng=attn_rng)
-      x = x + dropout(attended, rate, attn_out_rng)
-      x = x + dropout(self.mlp(self.norm2(x)), rate, mlp_out_rng)
-    else:
-      attended, cache = self.attn(x, mask, cache=cache, index=index, dropout_rng=attn_rng)
-      x = self.norm1(x + dropout(attended, rate, attn_out_rng))
-      x = self.norm2(x + dropout(self.mlp(x), rate, mlp_out_rng))
-    return x, cache
+      attended, extra = attention(self.norm1(x))
+      x = x + branch(attended, attn_out_rng, attn_key)
+      return x + branch(self.mlp(self.norm2(x)), mlp_out_rng, mlp_key), extra
+    attended, extra = attention(x)
+    x = self.norm1(x + branch(attended, attn_out_rng, attn_key))
+    return self.norm2(x + branch(self.mlp(x), mlp_out_rng, mlp_key)), extra
 
 
-class TransformerLM(nnx.Module):
-  """Token + position (+ type) embeddings, blocks, and a tied language-model head."""
+def apply_block(block: Block, x: jax.Array, *args: Any, remat: bool = False,
+                **kwargs: Any) -> tuple[jax.Array, Any]:
+  """`block(x, *args, **kwargs)`, its activations recomputed in the backward pass if `remat`."""
+  if remat:  # Saves memory: only the block's input is kept for the backward pass.
+    return nnx.remat(lambda blk, h, *a: blk(h, *a, **kwargs))(block, x, *args)
+  return block(x, *args, **kwargs)
 
-  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-    self.config = config
-    dtype, width = config.dtype, config.width
-    normal = nnx.initializers.normal(config.init_std)
-    self.token_embed = nnx.Embed(
-        config.vocab_size, width, dtype=dtype, rngs=rngs,
-        embedding_init=partitioned(normal, 'vocab', 'embed'))
-    self.position_embed = nnx.Embed(
-        config.max_len, width, dtype=dtype, rngs=rngs,
-        embedding_init=partitioned(normal, None, 'embed'))
-    self.type_embed = nnx.Embed(
-        config.type_vocab_size, width, dtype=dtype, rngs=rngs,
-        embedding_init=partitioned(normal, None, 'embed')) if config.type_vocab_size else None
-    self.embed_norm = layer_norm(config, rngs=rngs) if config.embed_norm else None
-    self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.depth)])
-    self.final_norm = layer_norm(config, rngs=rngs) if config.norm == 'pre' else None
-    if config.head == 'mlm':
-      self.mlm_dense = nnx.Linear(
-          width, width, use_bias=config.use_bias, dtype=dtype, rngs=rngs,
-          kernel_init=partitioned(normal, 'embed', None),
-          bias_init=partitioned(nnx.initializers.zeros, None))
-      self.mlm_norm = layer_norm(config, rngs=rngs)
-      self.mlm_bias = nnx.Param(partitioned(nnx.initializers.zeros, 'vocab')(
-          rngs.params(), (config.vocab_size,))) if config.use_bias else None
-    else:
-      self.mlm_dense = self.mlm_norm = self.mlm_bias = None
 
-  def embed(self, tokens: jax.Array, positions: jax.Array, token_types: jax.Array | None,
-            dropout_rng: jax.Array | None = None) -> jax.Array:
-    """(B, T) ids at (T,) positions -> (B, T, D) input of the first block."""
-    if tokens.shape[1] > self.config.max_len:
-      raise ValueError(f'sequence of {tokens.shape[1]} tokens is longer than the model\'s '
-                       f'max_len {self.config.max_len}')
-    x = self.token_embed(tokens) + self.position_embed(positions)[None]  # (B, T, D)
-    if self.type_embed is not None:
-      types = jnp.zeros_like(tokens) if token_types is None else token_types
-      x = x + self.type_embed(types)
-    if self.embed_norm is not None:
-      x = self.embed_norm(x)
-    return dropout(x, self.config.dropout_rate, dropout_rng)
+class Transformer(nnx.Module):
+  """A stack of pre-LN blocks and a final LayerNorm: the ViT encoder and MAE's decoder.
 
-  def logits(self, hidden: jax.Array) -> jax.Array:
-    """(..., D) final hidden states -> (..., V) logits through the tied head.
+  `drop_path_rate` rises linearly over the blocks (`drop_path_rates`) and is
+  used only by calls that pass a `drop_path_key`.
+  """
 
-    BERT's loss reads only the ~15% chosen positions: a method may gather
-    those rows of `hidden` and call this on them instead of using the full
-    (B, T, V) `logits` of `__call__`, which under jit is then never computed.
+  def __init__(self, width: int, depth: int, num_heads: int, mlp_dim: int, *,
+               dtype: Dtype = jnp.float32, remat: bool = False,
+               kernel_init: KernelInit = xavier_uniform, drop_path_rate: float = 0.0,
+               rngs: nnx.Rngs):
+    self.blocks = nnx.List([
+        Block(width, num_heads, mlp_dim, dtype=dtype, kernel_init=kernel_init,
+              drop_path_rate=rate, rngs=rngs)
+        for rate in drop_path_rates(drop_path_rate, depth)])
+    self.norm = layer_norm(width, dtype=dtype, rngs=rngs)
+    self.remat = remat
+
+  def __call__(self, x: jax.Array,
+               drop_path_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(B, T, D) -> (normed output (B, T, D), last block's attention weights).
+
+    `drop_path_key` (train mode) gives block i the key fold_in(key, i); None
+    (eval, features, the teacher) runs every block whole. Only the last
+    block computes its weights; the others take the fused attention path.
     """
-    if self.mlm_dense is not None:
-      approximate = self.config.gelu == 'tanh'
-      hidden = self.mlm_norm(jax.nn.gelu(self.mlm_dense(hidden), approximate=approximate))
-      if self.mlm_bias is not None:
-        return self.token_embed.attend(hidden) + self.mlm_bias[...].astype(hidden.dtype)
-    return self.token_embed.attend(hidden)
-
-  def __call__(self, tokens: jax.Array, *, token_types: jax.Array | None = None,
-               key_mask: jax.Array | None = None,
-               dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
-    """(B, T) token ids -> intermediates `hidden` (B, T, D) and `logits` (B, T, V).
-
-    Args:
-      tokens: (B, T) int token ids.
-      token_types: optional (B, T) segment ids (models with type embeddings).
-      key_mask: optional (B, T), 0 at padding keys nobody may attend to.
-      dropout_rng: a PRNG key turns dropout on; None (the default) is
-        deterministic, as for evaluation.
-    """
-    length = tokens.shape[1]
-    rngs = split_rng(dropout_rng, self.config.depth + 1)
-    x = self.embed(tokens, jnp.arange(length), token_types, rngs[-1])
-    mask = jnp.ones((1, 1, length, length), bool)
-    if self.config.causal:
-      mask = jnp.tril(mask)
-    if key_mask is not None:
-      mask = mask & key_mask.astype(bool)[:, None, None, :]
-    for block, rng in zip(self.blocks, rngs[:-1], strict=True):
-      if self.config.remat:  # Recompute activations in the backward pass to save memory.
-        x, _ = nnx.remat(lambda blk, h, r: blk(h, mask, dropout_rng=r))(block, x, rng)
-      else:
-        x, _ = block(x, mask, dropout_rng=rng)
-    if self.final_norm is not None:
-      x = self.final_norm(x)
-    return {'hidden': x, 'logits': self.logits(x)}
-
-  def init_cache(self, batch: int, length: int | None = None) -> Cache:
-    """Zero KV cache for `batch` sequences of up to `length` (default max_len) tokens."""
-    length = self.config.max_len if length is None else length
-    if length > self.config.max_len:
-      raise ValueError(f'cache length {length} exceeds the model\'s max_len '
-                       f'{self.config.max_len}')
-    heads = self.config.num_heads
-    shape = (batch, length, heads, self.config.width // heads)
-    zeros = jnp.zeros(shape, self.config.dtype)
-    return [{'key': zeros, 'value': zeros} for _ in range(self.config.depth)]
-
-  def decode(self, tokens: jax.Array, cache: Cache,
-             index: jax.Array | int) -> tuple[dict[str, jax.Array], Cache]:
-    """Causal incremental forward: (B, T) new tokens at positions index.. -> logits, cache.
-
-    The cache holds the keys and values of positions [0, index); the new
-    tokens' are written at [index, index + T). Query i attends to cached
-    positions <= index + i, so feeding a sequence in chunks gives the same
-    logits as one full forward pass. `index` may be a traced scalar.
-    """
-    if not self.config.causal:
-      raise ValueError('decode needs a causal model; this one is bidirectional')
-    length, cache_len = tokens.shape[1], cache[0]['key'].shape[1]
-    positions = index + jnp.arange(length)  # (T,)
-    x = self.embed(tokens, positions, None)
-    mask = jnp.arange(cache_len)[None, :] <= positions[:, None]  # (T, S)
-    mask = mask[None, None]
-    new_cache = []
-    for block, layer_cache in zip(self.blocks, cache, strict=True):
-      x, layer_cache = block(x, mask, cache=layer_cache, index=index)
-      new_cache.append(layer_cache)
-    if self.final_norm is not None:
-      x = self.final_norm(x)
-    return {'hidden': x, 'logits': self.logits(x)}, new_cache
+    weights = None
+    for i, block in enumerate(self.blocks):
+      key = None if drop_path_key is None else jax.random.fold_in(drop_path_key, i)
+      x, weights = apply_block(block, x, key, remat=self.remat,
+                               need_weights=i == len(self.blocks) - 1)
+    return self.norm(x), weights
 
 
 def count_params(model_or_state: Any) -> int:
@@ -339,3 +312,14 @@ def count_params(model_or_state: Any) -> int:
   state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(
       model_or_state, nnx.Param)
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
+
+
+_LM_NAMES = ('Cache', 'TransformerConfig', 'TransformerLM', 'bert_config', 'gpt2_config')
+
+
+def __getattr__(name: str) -> Any:
+  """The language model's names, defined in lm.py, stay importable from here (PEP 562)."""
+  if name in _LM_NAMES:
+    from ssl_jax.models import lm  # Deferred: lm.py imports this module.
+    return getattr(lm, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

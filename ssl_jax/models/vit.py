@@ -1,14 +1,16 @@
 """Vision Transformer (Dosovitskiy et al. 2021) in Flax NNX, as MAE and DINO use it.
 
-Layout and initialisation follow the MAE reference code (timm `Block`, fused
-qkv with bias, pre-LayerNorm with eps 1e-6, exact GELU, xavier-uniform
-linears, 2-D sin-cos position embeddings), so weights map one-to-one onto
-PyTorch MAE checkpoints. DINO's parts are options: its learned position
-embedding, interpolated for small crops (`posemb='learned'`), its
-initialisation (`init='dino'`) and stochastic depth (`drop_path_rate`,
-applied only when a call passes a `drop_path_key`). Every parameter carries
-logical axis names (`embed`, `mlp`, `heads`, `kv`) that `ssl_jax.sharding`
-maps onto the mesh.
+The blocks are the shared transformer core's (`ssl_jax.models.transformer`:
+`Transformer`, `Block`, `Attention`); this file adds the patch embedding,
+the [CLS] token and the position embeddings. Layout and initialisation
+follow the MAE reference code (timm `Block`, fused qkv with bias,
+pre-LayerNorm with eps 1e-6, exact GELU, xavier-uniform linears, 2-D sin-cos
+position embeddings), so weights map one-to-one onto PyTorch MAE
+checkpoints. DINO's parts are options: its learned position embedding,
+interpolated for small crops (`posemb='learned'`), its initialisation
+(`init='dino'`) and stochastic depth (`drop_path_rate`, applied only when a
+call passes a `drop_path_key`). Every parameter carries logical axis names
+(`embed`, `mlp`, `heads`, `kv`) that `ssl_jax.sharding` maps onto the mesh.
 """
 
 from typing import Any
@@ -19,79 +21,22 @@ import numpy as np
 from flax import nnx
 
 from ssl_jax.errors import ConfigError
+from ssl_jax.models.initializers import (
+  INITS,
+  linear_init,
+  partitioned,
+  torch_default_uniform,
+  torch_trunc_normal,
+  xavier_uniform,
+)
+from ssl_jax.models.transformer import Attention, Block, Transformer
+
+# The core's layers under the names the ViT code and its tests have always used;
+# partitioned and xavier_uniform are MAE's decoder's (methods/mae.py).
+__all__ = ['Attention', 'Block', 'Transformer', 'ViT', 'interpolate_posemb', 'partitioned',
+           'posemb_sincos_2d', 'xavier_uniform']
 
 Dtype = Any
-
-# torch.nn.init.xavier_uniform_ on a Linear/Conv weight viewed as (out, in):
-# fan_in and fan_out are the input and output sizes, whatever the kernel rank.
-def xavier_uniform(in_axis=-2, out_axis=-1):
-  """Xavier-uniform initialiser with explicit fan-in / fan-out axes."""
-  return jax.nn.initializers.variance_scaling(
-      1.0, 'fan_avg', 'uniform', in_axis=in_axis, out_axis=out_axis)
-
-
-def torch_trunc_normal(std: float = 0.02):
-  """torch.nn.init.trunc_normal_(std=std) as DINO and timm call it.
-
-  torch truncates at a = -2, b = 2 in absolute units, i.e. at +-100 std for
-  std 0.02: in effect a plain normal. jax's default cuts at +-2 std (and the
-  std shrinks to 0.88 std), so the bounds are given explicitly.
-  """
-  return jax.nn.initializers.truncated_normal(std, lower=-2.0 / std, upper=2.0 / std)
-
-
-def torch_default_uniform(fan_in: int):
-  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's default init of Linear and Conv weights and biases.
-
-  torch/nn/modules/conv.py `_ConvNd.reset_parameters` (and linear.py alike):
-  kaiming_uniform_(weight, a=sqrt(5)) has bound gain * sqrt(3 / fan_in) with
-  gain = sqrt(2 / (1 + 5)), i.e. 1 / sqrt(fan_in); the bias is uniform with
-  the same bound. fan_in = in_channels * kernel area.
-  """
-  bound = fan_in ** -0.5
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-  return init
-
-
-INITS = ('mae', 'dino')
-
-
-def linear_init(init: str, in_axis=-2, out_axis=-1):
-  """The kernel initialiser of the transformer's linears under recipe `init`.
-
-  'mae': xavier-uniform (MAE's models_mae.py `_init_weights`). 'dino':
-  trunc_normal_(std=.02) (facebookresearch/dino vision_transformer.py,
-  `VisionTransformer._init_weights`, lines 165-169); biases are 0 in both.
-  """
-  if init == 'mae':
-    return xavier_uniform(in_axis, out_axis)
-  if init == 'dino':
-    return torch_trunc_normal(0.02)
-  raise ConfigError(f'ViT init={init!r}: expected one of {INITS}')
-
-
-def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  """Stochastic depth on a residual branch (B, ...): timm / DINO's `drop_path`.
-
-  facebookresearch/dino vision_transformer.py lines 27-35: each example's
-  branch is zeroed with probability `rate` and kept ones are scaled by
-  1 / (1 - rate), so the expectation is unchanged. No key (or rate 0): the
-  identity, as `drop_path(..., training=False)`. The mask has one entry per
-  row of `x` drawn from `key` for the whole (global) batch, so it does not
-  depend on how the batch is sharded.
-  """
-  if key is None or rate == 0.0:
-    return x
-  keep_prob = 1.0 - rate
-  keep = jax.random.bernoulli(key, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return x * (keep / keep_prob).astype(x.dtype)
-
-
-def partitioned(init, *names):
-  """Attach logical axis names (one per dimension) to an initialiser."""
-  return nnx.with_partitioning(init, names)
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
@@ -167,128 +112,6 @@ def interpolate_posemb(posemb: jax.Array, grid_h: int, grid_w: int) -> jax.Array
   return jnp.concatenate([posemb[:, :1], resized], axis=1)
 
 
-class Attention(nnx.Module):
-  """Multi-head self-attention with a fused qkv projection."""
-
-  def __init__(self, width: int, num_heads: int, *, dtype: Dtype, init: str = 'mae',
-               rngs: nnx.Rngs):
-    if width % num_heads:
-      raise ConfigError(f'width {width} is not divisible by num_heads {num_heads}')
-    head_dim = width // num_heads
-    self.qkv = nnx.Einsum(
-        'btd,dkhe->btkhe', (width, 3, num_heads, head_dim), (3, num_heads, head_dim),
-        kernel_init=partitioned(linear_init(init, 0, (1, 2, 3)), 'embed', None, 'heads', 'kv'),
-        bias_init=partitioned(nnx.initializers.zeros, None, 'heads', 'kv'),
-        dtype=dtype, rngs=rngs)
-    self.proj = nnx.Einsum(
-        'bthe,hed->btd', (num_heads, head_dim, width), (width,),
-        kernel_init=partitioned(linear_init(init, (0, 1), 2), 'heads', 'kv', 'embed'),
-        bias_init=partitioned(nnx.initializers.zeros, 'embed'),
-        dtype=dtype, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(B, T, D) -> ((B, T, D), attention weights (B, heads, T, T))."""
-    qkv = self.qkv(x)  # (B, T, 3, heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = q * (q.shape[-1] ** -0.5)
-    logits = jnp.einsum('bqhe,bkhe->bhqk', q, k)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum('bhqk,bkhe->bqhe', weights, v)
-    return self.proj(out), weights
-
-
-class MlpBlock(nnx.Module):
-  """Transformer feed-forward block: Linear -> GELU (erf) -> Linear."""
-
-  def __init__(self, width: int, mlp_dim: int, *, dtype: Dtype, init: str = 'mae',
-               rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(
-        width, mlp_dim, dtype=dtype, rngs=rngs,
-        kernel_init=partitioned(linear_init(init), 'embed', 'mlp'),
-        bias_init=partitioned(nnx.initializers.zeros, 'mlp'))
-    self.fc2 = nnx.Linear(
-        mlp_dim, width, dtype=dtype, rngs=rngs,
-        kernel_init=partitioned(linear_init(init), 'mlp', 'embed'),
-        bias_init=partitioned(nnx.initializers.zeros, 'embed'))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """(B, T, D) -> (B, T, D)."""
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
-
-
-def layer_norm(width: int, *, dtype: Dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  """LayerNorm with eps 1e-6 (MAE, DINO, ViT) and sharded scale/bias."""
-  return nnx.LayerNorm(
-      width, epsilon=1e-6, dtype=dtype, rngs=rngs,
-      scale_init=partitioned(nnx.initializers.ones, 'embed'),
-      bias_init=partitioned(nnx.initializers.zeros, 'embed'))
-
-
-class Block(nnx.Module):
-  """Pre-LN transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
-
-  With a `drop_path_key`, each residual branch is dropped per example with
-  probability `drop_path_rate` (stochastic depth; DINO's Block.forward,
-  vision_transformer.py lines 107-113, one DropPath draw per branch).
-  """
-
-  def __init__(self, width: int, num_heads: int, mlp_dim: int, *, dtype: Dtype,
-               init: str = 'mae', drop_path_rate: float = 0.0, rngs: nnx.Rngs):
-    self.norm1 = layer_norm(width, dtype=dtype, rngs=rngs)
-    self.attn = Attention(width, num_heads, dtype=dtype, init=init, rngs=rngs)
-    self.norm2 = layer_norm(width, dtype=dtype, rngs=rngs)
-    self.mlp = MlpBlock(width, mlp_dim, dtype=dtype, init=init, rngs=rngs)
-    self.drop_path_rate = float(drop_path_rate)  # Static: part of the graph, not the state.
-
-  def __call__(self, x: jax.Array,
-               drop_path_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(B, T, D) -> ((B, T, D), attention weights); no key: deterministic."""
-    attn_key = mlp_key = None
-    if drop_path_key is not None:
-      attn_key, mlp_key = jax.random.split(drop_path_key)
-    attended, weights = self.attn(self.norm1(x))
-    x = x + drop_path(attended, self.drop_path_rate, attn_key)
-    return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, mlp_key), weights
-
-
-def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
-  """Block i's rate: linear from 0 at the first block to `drop_path_rate` at the last.
-
-  DINO's stochastic depth decay rule, vision_transformer.py line 150:
-  `torch.linspace(0, drop_path_rate, depth)`.
-  """
-  return [float(rate) for rate in np.linspace(0.0, drop_path_rate, depth)]
-
-
-class Transformer(nnx.Module):
-  """A stack of pre-LN blocks followed by a final LayerNorm."""
-
-  def __init__(self, width: int, depth: int, num_heads: int, mlp_dim: int, *,
-               dtype: Dtype, remat: bool = False, init: str = 'mae',
-               drop_path_rate: float = 0.0, rngs: nnx.Rngs):
-    self.blocks = nnx.List([
-        Block(width, num_heads, mlp_dim, dtype=dtype, init=init, drop_path_rate=rate, rngs=rngs)
-        for rate in drop_path_rates(drop_path_rate, depth)])
-    self.norm = layer_norm(width, dtype=dtype, rngs=rngs)
-    self.remat = remat
-
-  def __call__(self, x: jax.Array,
-               drop_path_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(B, T, D) -> (normed output (B, T, D), last block's attention weights).
-
-    `drop_path_key` (train mode) gives block i the key fold_in(key, i); None
-    (eval, features, the teacher) runs every block whole.
-    """
-    weights = None
-    for i, block in enumerate(self.blocks):
-      key = None if drop_path_key is None else jax.random.fold_in(drop_path_key, i)
-      if self.remat:  # Recompute activations in the backward pass to save memory.
-        x, weights = nnx.remat(lambda blk, h, k: blk(h, k))(block, x, key)
-      else:
-        x, weights = block(x, key)
-    return self.norm(x), weights
-
-
 class ViT(nnx.Module):
   """ViT encoder: conv patch embedding, [CLS] token, position embeddings.
 
@@ -308,7 +131,7 @@ class ViT(nnx.Module):
   Biases 0 and LayerNorm 1/0 in both.
 
   `drop_path_rate`: stochastic depth rising linearly over the blocks
-  (`drop_path_rates`), used only by calls that pass a `drop_path_key`.
+  (`transformer.drop_path_rates`), used only by calls that pass a `drop_path_key`.
   """
 
   def __init__(self, *, patch_size: int, channels: int, width: int, depth: int,
@@ -350,7 +173,8 @@ class ViT(nnx.Module):
           partitioned(torch_trunc_normal(0.02), None, None, 'embed')(
               rngs.params(), (1, 1 + num_patches, width)))
     self.encoder = Transformer(width, depth, num_heads, mlp_dim, dtype=dtype, remat=remat,
-                               init=init, drop_path_rate=drop_path_rate, rngs=rngs)
+                               kernel_init=linear_init(init), drop_path_rate=drop_path_rate,
+                               rngs=rngs)
 
   def patch_tokens(self, images: jax.Array) -> jax.Array:
     """(B, H, W, C) float images -> (B, L, D) patch embeddings + positions."""

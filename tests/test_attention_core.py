@@ -1,0 +1,115 @@
+"""The transformer core's attention: the fused path (jax.nn.dot_product_attention) equals the
+explicit softmax path that returns the weights, under causal and padding masks and with a KV cache.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssl_jax.models import transformer
+
+B, T, HEADS, HEAD_DIM, WIDTH = 2, 6, 2, 8, 16
+
+
+@pytest.fixture(autouse=True)
+def no_eager_sharding():
+  """Modules built outside a mesh (as test_dino_depth.py does)."""
+  with nnx.use_eager_sharding(False):
+    yield
+
+
+def qkv(seed: int = 0, length: int = T):
+  """Random (B, length, heads, head_dim) queries, keys and values."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return [jax.random.normal(k, (B, length, HEADS, HEAD_DIM)) for k in keys]
+
+
+def padding_mask() -> jax.Array:
+  """(B, 1, 1, T): example 0 has 2 padding keys at the end, example 1 is all padding."""
+  keep = np.ones((B, T), bool)
+  keep[0, -2:] = False
+  keep[1, :] = False
+  return jnp.asarray(keep)[:, None, None, :]
+
+
+MASKS = {'none': dict(mask=None, causal=False), 'causal': dict(mask=None, causal=True),
+         'padding': dict(mask='padding', causal=False),
+         'causal_padding': dict(mask='padding', causal=True)}
+
+
+@pytest.mark.parametrize('case', MASKS)
+def test_fused_path_equals_explicit_path(case):
+  q, k, v = qkv()
+  mask = padding_mask() if MASKS[case]['mask'] else None
+  causal = MASKS[case]['causal']
+  fused, no_weights = transformer.attend(q, k, v, mask, causal=causal)
+  explicit, weights = transformer.attend(q, k, v, mask, causal=causal, need_weights=True)
+  assert no_weights is None and weights.shape == (B, HEADS, T, T)
+  assert np.isfinite(np.asarray(fused)).all() and np.isfinite(np.asarray(explicit)).all()
+  np.testing.assert_allclose(np.asarray(fused), np.asarray(explicit), atol=2e-6)
+  np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-6)
+  # NumPy: softmax over the allowed keys (a row with none: uniform over all).
+  allowed = np.ones((B, 1, T, T), bool)
+  if mask is not None:
+    allowed &= np.asarray(mask)
+  if causal:
+    allowed &= np.tril(np.ones((T, T), bool))
+  logits = np.einsum('bqhe,bkhe->bhqk', np.asarray(q, np.float64), np.asarray(k)) / HEAD_DIM**0.5
+  logits = np.where(allowed, logits, -1e30)
+  want = np.exp(logits - logits.max(-1, keepdims=True))
+  want /= want.sum(-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(weights), want, atol=1e-6)
+  if mask is not None:  # Example 1 is all padding: a finite, uniform average, no NaN.
+    np.testing.assert_allclose(np.asarray(fused[1]), np.broadcast_to(
+        np.asarray(v[1]).mean(0), (T, HEADS, HEAD_DIM)), atol=1e-5)
+
+
+def attention_module(dropout_rate: float = 0.0) -> transformer.Attention:
+  return transformer.Attention(WIDTH, HEADS, dropout_rate=dropout_rate, rngs=nnx.Rngs(0))
+
+
+def test_kv_cache_decode_equals_the_full_causal_pass():
+  """Chunks of 3, 1 and 2 tokens into a longer cache give the explicit causal pass's outputs."""
+  attn = attention_module()
+  x = jax.random.normal(jax.random.key(1), (B, T, WIDTH))
+  full, _ = attn(x, causal=True, need_weights=True)  # The explicit path.
+  cache = {'key': jnp.zeros((B, 10, HEADS, HEAD_DIM)), 'value': jnp.zeros((B, 10, HEADS, HEAD_DIM))}
+  outs, index = [], 0
+  for size in (3, 1, 2):
+    positions = index + jnp.arange(size)
+    mask = (jnp.arange(10)[None, :] <= positions[:, None])[None, None]  # (1, 1, size, 10)
+    out, cache = attn.decode(x[:, index:index + size], mask, cache, index)
+    outs.append(out)
+    index += size
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=2e-6)
+  np.testing.assert_array_equal(np.asarray(cache['key'][:, T:]), 0.0)  # Untouched beyond T.
+
+
+def test_attention_dropout_takes_the_explicit_path():
+  """With a dropout rng the weights are dropped (the fused kernel has no dropout)."""
+  attn = attention_module(dropout_rate=0.5)
+  x = jax.random.normal(jax.random.key(2), (B, T, WIDTH))
+  rng = jax.random.key(3)
+  dropped, _ = attn(x, causal=True, dropout_rng=rng, need_weights=False)
+  plain, weights = attn(x, causal=True)
+  qkv_out = attn.qkv(x)
+  kept = transformer.dropout(weights, 0.5, rng)
+  want = attn.proj(jnp.einsum('bhqk,bkhe->bqhe', kept, qkv_out[:, :, 2]))
+  np.testing.assert_allclose(np.asarray(dropped), np.asarray(want), atol=1e-6)
+  assert np.abs(np.asarray(dropped) - np.asarray(plain)).max() > 1e-2
+  fused, none = attn(x, causal=True, need_weights=False)  # No rng: deterministic, fused.
+  assert none is None
+  np.testing.assert_allclose(np.asarray(fused), np.asarray(plain), atol=2e-6)
+
+
+def test_vit_stack_returns_only_the_last_blocks_weights():
+  stack = transformer.Transformer(WIDTH, 3, HEADS, 32, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(4), (B, T, WIDTH))
+  out, weights = stack(x)
+  h = x
+  for block in stack.blocks:
+    h, last = block(h)  # need_weights defaults to True, as torch's MultiheadAttention.
+  np.testing.assert_allclose(np.asarray(out), np.asarray(stack.norm(h)), atol=2e-6)
+  np.testing.assert_allclose(np.asarray(weights), np.asarray(last), atol=1e-6)
