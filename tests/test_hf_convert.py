@@ -9,18 +9,18 @@ import pytest
 from flax import nnx
 
 from ssl_jax import sharding
-from ssl_jax.models import hf_convert, transformer
+from ssl_jax.models import hf_convert, lm
 
 VOCAB, LENGTH, WIDTH, HEADS, MLP = 40, 12, 16, 2, 24
 
 
-def tiny_model(kind: str, seed: int = 0, **overrides) -> transformer.TransformerLM:
-  make = transformer.gpt2_config if kind == 'gpt' else transformer.bert_config
+def tiny_model(kind: str, seed: int = 0, **overrides) -> lm.TransformerLM:
+  make = lm.gpt2_config if kind == 'gpt' else lm.bert_config
   config = make(vocab_size=VOCAB, max_len=LENGTH, width=WIDTH, depth=2, num_heads=HEADS,
                 mlp_dim=MLP, **overrides)
   mesh = sharding.make_mesh(sharding.mesh_config(1, 1, 1), jax.devices()[:1])
   with sharding.activate(mesh, sharding.DEFAULT_RULES):
-    model = transformer.TransformerLM(config, rngs=nnx.Rngs(seed))
+    model = lm.TransformerLM(config, rngs=nnx.Rngs(seed))
   # Random biases and LayerNorms too, so a swapped or untransposed array shows.
   graphdef, params = nnx.split(model)
   rng = np.random.default_rng(seed)

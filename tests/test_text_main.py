@@ -15,7 +15,7 @@ from flax import nnx
 from ssl_jax import methods, sample
 from ssl_jax.data import text_sources
 from ssl_jax.errors import UserError
-from ssl_jax.models.transformer import TransformerLM
+from ssl_jax.models.lm import TransformerLM
 from tests import runner
 
 GPT_LOCAL, BERT_LOCAL = 'configs/gpt.py:local', 'configs/bert_mlm.py:local'

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from ssl_jax import losses, sharding
-from ssl_jax.models import sampling, transformer
+from ssl_jax.models import lm, sampling, transformer
 
 VOCAB, LENGTH = 64, 16
 
@@ -20,13 +20,13 @@ VOCAB, LENGTH = 64, 16
 NANOGPT = dict(use_bias=False, gelu='erf')
 
 
-def tiny_config(kind: str, **overrides) -> transformer.TransformerConfig:
+def tiny_config(kind: str, **overrides) -> lm.TransformerConfig:
   """A small model; kind 'gpt', 'bert', or 'nanogpt' (GPT-2 without biases, erf GELU)."""
   sizes = dict(vocab_size=VOCAB, max_len=LENGTH, width=32, depth=2, num_heads=4, mlp_dim=64)
   if kind == 'nanogpt':
     sizes.update(NANOGPT)
   sizes.update(overrides)
-  return (transformer.bert_config if kind == 'bert' else transformer.gpt2_config)(**sizes)
+  return (lm.bert_config if kind == 'bert' else lm.gpt2_config)(**sizes)
 
 
 @contextlib.contextmanager
@@ -39,9 +39,9 @@ def mesh_of(data=1, fsdp=1, tensor=1):
 
 
 @functools.cache
-def tiny_model(kind: str, **overrides) -> transformer.TransformerLM:
+def tiny_model(kind: str, **overrides) -> lm.TransformerLM:
   with mesh_of():
-    return transformer.TransformerLM(tiny_config(kind, **overrides), rngs=nnx.Rngs(0))
+    return lm.TransformerLM(tiny_config(kind, **overrides), rngs=nnx.Rngs(0))
 
 
 def random_tokens(seed: int, batch: int = 2, length: int = 10) -> np.ndarray:
@@ -227,12 +227,12 @@ def test_top_k_restricts_the_support():
 
 def abstract_params(config):
   with mesh_of():
-    return nnx.eval_shape(lambda: transformer.TransformerLM(config, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: lm.TransformerLM(config, rngs=nnx.Rngs(0)))
 
 
 def test_gpt2_124m_parameter_count():
   # nanoGPT / HF GPT2LMHeadModel('gpt2') with the head tied to wte: 124,439,808.
-  model = abstract_params(transformer.gpt2_config())
+  model = abstract_params(lm.gpt2_config())
   assert transformer.count_params(model) == 124_439_808
   leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)  # Nothing allocated.
@@ -249,7 +249,7 @@ def test_bert_base_parameter_count():
   # has no pooler (no next-sentence task) but the MLM head: 108,891,648 + 622,650.
   assert encoder + pooler == 109_482_240
   assert (encoder, mlm_head) == (108_891_648, 622_650)
-  assert transformer.count_params(abstract_params(transformer.bert_config())) == 109_514_298
+  assert transformer.count_params(abstract_params(lm.bert_config())) == 109_514_298
 
 
 @pytest.mark.parametrize('kind', ['gpt', 'bert'])
@@ -302,7 +302,7 @@ def sharded_loss_and_grads(kind, mesh_shape, dropout_rate, remat=False):
   # One block keeps the compile short; 8 heads so that tensor=4 splits them.
   config = tiny_config(kind, depth=1, num_heads=8, dropout_rate=dropout_rate, remat=remat)
   with mesh_of(**mesh_shape) as mesh:
-    model = nnx.jit(lambda: transformer.TransformerLM(config, rngs=nnx.Rngs(0)))()
+    model = nnx.jit(lambda: lm.TransformerLM(config, rngs=nnx.Rngs(0)))()
     graphdef, params = nnx.split(model)
     batch = sharding.put_batch(batch, mesh)
 

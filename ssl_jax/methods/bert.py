@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from ssl_jax import losses
 from ssl_jax.methods.base import Batch, Metrics
 from ssl_jax.methods.language import LanguageModelMethod, token_accuracy
-from ssl_jax.models import transformer
-from ssl_jax.models.transformer import TransformerLM
+from ssl_jax.models import lm
+from ssl_jax.models.lm import TransformerLM
 
 
 class BERT(LanguageModelMethod):
@@ -33,7 +33,7 @@ class BERT(LanguageModelMethod):
 
   objective = 'masked_lm'
   capabilities = frozenset({'held_out'})
-  architecture = staticmethod(transformer.bert_config)
+  architecture = staticmethod(lm.bert_config)
 
   def _max_predictions(self) -> int | None:
     k = self.config.model.max_predictions_per_seq

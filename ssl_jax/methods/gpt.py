@@ -14,8 +14,8 @@ import jax
 from ssl_jax import losses
 from ssl_jax.methods.base import Batch, Metrics
 from ssl_jax.methods.language import LanguageModelMethod
-from ssl_jax.models import transformer
-from ssl_jax.models.transformer import TransformerLM
+from ssl_jax.models import lm
+from ssl_jax.models.lm import TransformerLM
 
 
 class GPT(LanguageModelMethod):
@@ -23,7 +23,7 @@ class GPT(LanguageModelMethod):
 
   objective = 'causal_lm'
   capabilities = frozenset({'held_out'})
-  architecture = staticmethod(transformer.gpt2_config)
+  architecture = staticmethod(lm.gpt2_config)
 
   def loss_fn(self, model: TransformerLM, batch: Batch, rng: jax.Array,
               step: jax.Array) -> tuple[jax.Array, Metrics]:

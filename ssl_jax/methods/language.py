@@ -25,8 +25,8 @@ from flax import nnx
 from ssl_jax.data.streams import DataSpec
 from ssl_jax.errors import ConfigError
 from ssl_jax.methods.base import Method
-from ssl_jax.models import transformer
-from ssl_jax.models.transformer import TransformerConfig, TransformerLM
+from ssl_jax.models import lm
+from ssl_jax.models.lm import TransformerConfig, TransformerLM
 
 
 class LanguageModelMethod(Method):
@@ -34,7 +34,7 @@ class LanguageModelMethod(Method):
 
   throughput_unit = 'tokens'
   objective = ''  # config.data.objective this method trains: 'causal_lm' or 'masked_lm'.
-  architecture = staticmethod(transformer.gpt2_config)  # -> the paper's TransformerConfig.
+  architecture = staticmethod(lm.gpt2_config)  # -> the paper's TransformerConfig.
 
   @classmethod
   def data_spec(cls, config: ml_collections.ConfigDict) -> DataSpec:

@@ -19,8 +19,8 @@ fused qkv kernel (D, 3, heads, head_dim) is laid out like timm's `qkv` and
 GPT-2's `c_attn` weight reshaped, so checkpoints map by reshape alone. Every
 parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`).
 
-The language model's names (`TransformerLM`, `TransformerConfig`,
-`gpt2_config`, `bert_config`) live in `lm.py` and stay importable from here.
+The language model (`TransformerLM`, `TransformerConfig`, `gpt2_config`,
+`bert_config`) is in `lm.py`.
 """
 
 import math
@@ -312,14 +312,3 @@ def count_params(model_or_state: Any) -> int:
   state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(
       model_or_state, nnx.Param)
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
-
-
-_LM_NAMES = ('Cache', 'TransformerConfig', 'TransformerLM', 'bert_config', 'gpt2_config')
-
-
-def __getattr__(name: str) -> Any:
-  """The language model's names, defined in lm.py, stay importable from here (PEP 562)."""
-  if name in _LM_NAMES:
-    from ssl_jax.models import lm  # Deferred: lm.py imports this module.
-    return getattr(lm, name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
