@@ -15,7 +15,6 @@ with `freeze_module` (adamw only): parameters under a module of that name get
 no update at all, not even weight decay, for the first `freeze_steps` steps.
 """
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -80,18 +79,20 @@ def decay_mask(params):
 
 
 def weight_decay_schedule(optim: ml_collections.ConfigDict) -> float | optax.Schedule:
-  """`weight_decay`, or DINO's cosine from it to `weight_decay_end` (utils.cosine_scheduler)."""
+  """`weight_decay`, or DINO's cosine from it to `weight_decay_end` (utils.cosine_scheduler).
+
+  DINO's `end + 0.5 (start - end) (1 + cos(pi t / T))`, held at `end` after T:
+  optax's cosine decay of the gap `start - end`, shifted by `end` (optax's own
+  `alpha = end / start` form would divide by a zero `weight_decay`).
+  """
   if optim.weight_decay_end is None:
     return optim.weight_decay
   if not optim.weight_decay_steps or optim.weight_decay_steps < 1:
     raise ConfigError('config.optim.weight_decay_end needs config.optim.weight_decay_steps, '
                       f'the length of the cosine in steps (got {optim.weight_decay_steps})')
-  start, end, steps = optim.weight_decay, optim.weight_decay_end, int(optim.weight_decay_steps)
-
-  def schedule(step):
-    progress = jnp.minimum(step, steps) / steps
-    return end + 0.5 * (start - end) * (1.0 + jnp.cos(math.pi * progress))
-  return schedule
+  start, end = optim.weight_decay, optim.weight_decay_end
+  gap = optax.cosine_decay_schedule(start - end, int(optim.weight_decay_steps))
+  return lambda step: end + gap(step)
 
 
 def clip_by_parameter_norm(max_norm: float) -> optax.GradientTransformation:
@@ -143,6 +144,11 @@ def scale_by_adam_late_start(b1: float, b2: float, eps: float, late_mask,
   gradient, so a layer frozen for F steps (DINO's last layer) starts its bias
   correction 1 - b^t at t = 1 when it thaws. With one global count it would
   use t = F + 1 and take up to ~6x larger steps for hundreds of steps.
+
+  Kept by hand (issue 12): `optax.partition` of AdamW and
+  `optax.conditionally_mask(AdamW)` gives the same numbers, but its state
+  holds `optax.MaskedNode`s that train.py's `optax.tree_map_params` sharding
+  map does not skip yet; see branch `libforms-partition`.
   """
   def init(params):
     zeros = jax.tree.map(jnp.zeros_like, params)

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from ssl_jax import optim
+from tests import hand_written_forms
 
 
 def config(**overrides) -> ml_collections.ConfigDict:
@@ -114,6 +115,19 @@ def test_weight_decay_follows_dino_cosine():
     np.testing.assert_array_equal(updates['conv']['bias'], 0.0)
   with pytest.raises(ValueError, match='weight_decay_steps'):
     optim.weight_decay_schedule(config(weight_decay_end=0.4))
+
+
+def test_optax_weight_decay_cosine_equals_the_hand_written_one():
+  """DINO's weight-decay cosine: optax form against the former formula, boundaries included."""
+  for start, end, length in [(0.04, 0.4, 100), (0.0, 0.4, 7), (0.4, 0.04, 1), (0.05, 0.05, 3)]:
+    schedule = optim.weight_decay_schedule(config(weight_decay=start, weight_decay_end=end,
+                                                  weight_decay_steps=length))
+    oracle = hand_written_forms.weight_decay_cosine(start, end, length)
+    steps = jnp.asarray(sorted({0, 1, 2, length // 2, length - 1, length, length + 1,
+                                10 * length}), jnp.int32)
+    np.testing.assert_allclose(jax.jit(jax.vmap(schedule))(steps), jax.vmap(oracle)(steps),
+                               rtol=1e-6, atol=1e-9, err_msg=f'{start} -> {end} in {length}')
+    np.testing.assert_allclose(float(schedule(jnp.asarray(length))), end, rtol=1e-6)
 
 
 def test_per_parameter_clipping_matches_dino():
