@@ -6,6 +6,7 @@ assert that the optax form gives the same numbers.
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 
@@ -30,3 +31,17 @@ def weight_decay_cosine(start: float, end: float, steps: int):
     progress = jnp.minimum(step, steps) / steps
     return end + 0.5 * (start - end) * (1.0 + jnp.cos(math.pi * progress))
   return schedule
+
+
+# ------------------------------------------------------------------------------
+# Masked token cross-entropy: ssl_jax/losses.py.
+# ------------------------------------------------------------------------------
+def weighted_token_cross_entropy(logits, labels, weights):
+  """Sum of weights * CE(logits, labels) over tokens, divided by the sum of weights."""
+  logits = logits.astype(jnp.float32)  # (B, T, V)
+  weights = weights.astype(jnp.float32)  # (B, T)
+  labels = jnp.where(weights > 0, labels, 0).astype(jnp.int32)  # (B, T)
+  label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  cross_entropy = jax.nn.logsumexp(logits, axis=-1) - label_logits  # (B, T)
+  count = jnp.sum(weights)
+  return jnp.sum(cross_entropy * weights) / jnp.maximum(count, 1e-8)
