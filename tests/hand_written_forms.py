@@ -5,6 +5,7 @@ assert that the optax form gives the same numbers.
 """
 
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -45,3 +46,14 @@ def weighted_token_cross_entropy(logits, labels, weights):
   cross_entropy = jax.nn.logsumexp(logits, axis=-1) - label_logits  # (B, T)
   count = jnp.sum(weights)
   return jnp.sum(cross_entropy * weights) / jnp.maximum(count, 1e-8)
+
+
+# ------------------------------------------------------------------------------
+# The newest checkpoint: ssl_jax/checkpoint.py.
+# ------------------------------------------------------------------------------
+def latest_saved_step(workdir):
+  """The largest all-digit directory name in `workdir/checkpoints`, or None."""
+  directory = pathlib.Path(workdir) / 'checkpoints'
+  if not directory.is_dir():
+    return None
+  return max((int(p.name) for p in directory.iterdir() if p.name.isdigit()), default=None)
