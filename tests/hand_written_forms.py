@@ -6,9 +6,14 @@ assert that the optax form gives the same numbers.
 
 import math
 import pathlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ssl_jax import optim
 
 
 # ------------------------------------------------------------------------------
@@ -57,3 +62,72 @@ def latest_saved_step(workdir):
   if not directory.is_dir():
     return None
   return max((int(p.name) for p in directory.iterdir() if p.name.isdigit()), default=None)
+
+
+# ------------------------------------------------------------------------------
+# DINO's frozen last layer: ssl_jax/optim.py.
+# ------------------------------------------------------------------------------
+def frozen_mask(params, module: str):
+  """True for parameters under a module named `module` (e.g. DINO's `last_layer`)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(getattr(key, 'key', None) == module for key in path), params)
+
+
+class LateStartAdamState(NamedTuple):
+  """State of `scale_by_adam_late_start`: optax's Adam state."""
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def scale_by_adam_late_start(b1: float, b2: float, eps: float, late_mask,
+                             start_step: int) -> optax.GradientTransformation:
+  """optax.scale_by_adam, but the leaves marked by `late_mask` count steps from `start_step`."""
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return LateStartAdamState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
+
+  def update(updates, state, params=None):
+    count = optax.safe_increment(state.count)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
+
+    def step(m, v, late):
+      t = jnp.maximum(count - start_step, 1) if late else count
+      m_hat = m / (1 - b1 ** t.astype(m.dtype))
+      v_hat = v / (1 - b2 ** t.astype(v.dtype))
+      return m_hat / (jnp.sqrt(v_hat) + eps)
+    return jax.tree.map(step, mu, nu, late_mask(params)), LateStartAdamState(count, mu, nu)
+
+  return optax.GradientTransformation(init, update)
+
+
+def zero_while(mask, steps: int) -> optax.GradientTransformation:
+  """Sets the updates of the leaves marked by `mask` to 0 during the first `steps` calls."""
+  def update(updates, state, params=None):
+    frozen = state.count < steps
+    updates = jax.tree.map(lambda u, f: jnp.where(frozen, 0.0, u).astype(u.dtype) if f else u,
+                           updates, mask(params))
+    return updates, optax.ScaleByScheduleState(optax.safe_increment(state.count))
+  return optax.GradientTransformation(
+      lambda params: optax.ScaleByScheduleState(jnp.zeros([], jnp.int32)), update)
+
+
+def frozen_adamw(optim_config: ml_collections.ConfigDict,
+                 schedule: optax.Schedule) -> optax.GradientTransformation:
+  """The former `build_optimizer` for adamw with `freeze_steps` > 0 (no clipping)."""
+  weight_decay = optim_config.weight_decay
+  if optim_config.weight_decay_end is not None:
+    weight_decay = weight_decay_cosine(weight_decay, optim_config.weight_decay_end,
+                                       int(optim_config.weight_decay_steps))
+  freeze_steps = int(round(optim_config.freeze_steps))
+
+  def frozen(params):
+    return frozen_mask(params, optim_config.freeze_module)
+  return optax.chain(
+      zero_while(frozen, freeze_steps),
+      scale_by_adam_late_start(optim_config.b1, optim_config.b2, optim_config.eps, frozen,
+                               freeze_steps),
+      optax.add_decayed_weights(weight_decay, mask=optim.decay_mask),
+      zero_while(frozen, freeze_steps),
+      optax.scale_by_learning_rate(schedule))
