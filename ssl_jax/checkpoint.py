@@ -127,14 +127,13 @@ def load_config(path: epath.PathLike) -> ml_collections.ConfigDict:
 def latest_saved_step(workdir: epath.PathLike) -> int | None:
   """The newest complete checkpoint step in `workdir/checkpoints`, or None.
 
-  Orbax writes a step under a temporary name and renames it when complete,
-  so every all-digit directory name is a complete checkpoint.
+  Found as `Checkpointer`'s CheckpointManager finds it, with its default step
+  naming: a plain `<step>` directory is complete; `<step>.orbax-checkpoint-tmp-*`
+  (a save cut short) is not. Without a manager, so nothing is created or cleaned.
   """
-  directory = epath.Path(workdir) / 'checkpoints'
-  if not directory.is_dir():
-    return None
-  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
-  return max(steps, default=None)
+  latest = ocp.path.step.latest_step_metadata(
+      epath.Path(workdir) / 'checkpoints', ocp.path.step.standard_name_format())
+  return None if latest is None else latest.step
 
 
 def _abstract(tree: Any) -> Any:

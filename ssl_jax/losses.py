@@ -8,6 +8,7 @@ independent NumPy implementation of the paper's formula.
 
 import jax
 import jax.numpy as jnp
+import optax
 from einops import rearrange
 
 
@@ -149,15 +150,17 @@ def _weighted_token_cross_entropy(logits: jax.Array, labels: jax.Array,
                                   weights: jax.Array) -> jax.Array:
   """Sum of weights * CE(logits, labels) over tokens, divided by the sum of weights.
 
-  Labels where the weight is 0 may hold anything (padding, -100): they are
-  replaced by 0 before the gather, so they never produce a NaN. With no
+  The per-token CE is optax's, with `where` leaving out (as exactly 0) the
+  tokens of weight 0. Their labels may hold anything (padding, -100): they
+  are replaced by 0 before the gather, so they never produce a NaN. With no
   counted token the result is 0 with zero (not NaN) gradients.
   """
   logits = logits.astype(jnp.float32)  # (B, T, V)
   weights = weights.astype(jnp.float32)  # (B, T)
-  labels = jnp.where(weights > 0, labels, 0).astype(jnp.int32)  # (B, T)
-  label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-  cross_entropy = jax.nn.logsumexp(logits, axis=-1) - label_logits  # (B, T)
+  counted = weights > 0
+  labels = jnp.where(counted, labels, 0).astype(jnp.int32)  # (B, T)
+  cross_entropy = optax.losses.softmax_cross_entropy_with_integer_labels(
+      logits, labels, where=counted)  # (B, T)
   count = jnp.sum(weights)
   return jnp.sum(cross_entropy * weights) / jnp.maximum(count, 1e-8)
 

@@ -15,9 +15,6 @@ with `freeze_module` (adamw only): parameters under a module of that name get
 no update at all, not even weight decay, for the first `freeze_steps` steps.
 """
 
-import math
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -80,18 +77,20 @@ def decay_mask(params):
 
 
 def weight_decay_schedule(optim: ml_collections.ConfigDict) -> float | optax.Schedule:
-  """`weight_decay`, or DINO's cosine from it to `weight_decay_end` (utils.cosine_scheduler)."""
+  """`weight_decay`, or DINO's cosine from it to `weight_decay_end` (utils.cosine_scheduler).
+
+  DINO's `end + 0.5 (start - end) (1 + cos(pi t / T))`, held at `end` after T:
+  optax's cosine decay of the gap `start - end`, shifted by `end` (optax's own
+  `alpha = end / start` form would divide by a zero `weight_decay`).
+  """
   if optim.weight_decay_end is None:
     return optim.weight_decay
   if not optim.weight_decay_steps or optim.weight_decay_steps < 1:
     raise ConfigError('config.optim.weight_decay_end needs config.optim.weight_decay_steps, '
                       f'the length of the cosine in steps (got {optim.weight_decay_steps})')
-  start, end, steps = optim.weight_decay, optim.weight_decay_end, int(optim.weight_decay_steps)
-
-  def schedule(step):
-    progress = jnp.minimum(step, steps) / steps
-    return end + 0.5 * (start - end) * (1.0 + jnp.cos(math.pi * progress))
-  return schedule
+  start, end = optim.weight_decay, optim.weight_decay_end
+  gap = optax.cosine_decay_schedule(start - end, int(optim.weight_decay_steps))
+  return lambda step: end + gap(step)
 
 
 def clip_by_parameter_norm(max_norm: float) -> optax.GradientTransformation:
@@ -105,10 +104,11 @@ def clip_by_parameter_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), clip)
 
 
-def frozen_mask(params, module: str):
-  """True for parameters under a module named `module` (e.g. DINO's `last_layer`)."""
+def frozen_labels(params, module: str):
+  """'frozen' for parameters under a module named `module` (DINO's `last_layer`), else 'trained'."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: any(getattr(key, 'key', None) == module for key in path), params)
+      lambda path, _: 'frozen' if any(getattr(key, 'key', None) == module for key in path)
+      else 'trained', params)
 
 
 def _named_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule,
@@ -128,50 +128,27 @@ def _named_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule,
   raise ConfigError(f'config.optim.name={optim.name!r}: expected adamw, lars or sgd')
 
 
-class LateStartAdamState(NamedTuple):
-  """State of `scale_by_adam_late_start`: optax's Adam state."""
-  count: jax.Array
-  mu: optax.Updates
-  nu: optax.Updates
+def _frozen_at_first(optim: ml_collections.ConfigDict, schedule: optax.Schedule,
+                     weight_decay: float | optax.Schedule,
+                     freeze_steps: int) -> optax.GradientTransformation:
+  """AdamW on the `freeze_module` parameters that skips them entirely for `freeze_steps` steps.
 
-
-def scale_by_adam_late_start(b1: float, b2: float, eps: float, late_mask,
-                             start_step: int) -> optax.GradientTransformation:
-  """optax.scale_by_adam, but the leaves marked by `late_mask` count steps from `start_step`.
-
-  torch's AdamW keeps a step count per tensor and skips tensors without a
-  gradient, so a layer frozen for F steps (DINO's last layer) starts its bias
-  correction 1 - b^t at t = 1 when it thaws. With one global count it would
-  use t = F + 1 and take up to ~6x larger steps for hundreds of steps.
+  DINO's cancel_gradients_last_layer sets these gradients to None during the
+  first epoch, so torch's AdamW skips the parameters: no moments, no decay,
+  and no step count, since torch counts steps per tensor and a thawed layer
+  starts its bias correction 1 - b^t at t = 1 (one global count would use
+  t = F + 1 and take up to ~6x larger steps for hundreds of steps).
+  `optax.conditionally_mask` is exactly that: a zero update and an untouched
+  inner state while the condition is false. Its inner AdamW therefore counts
+  from the thaw, so the lr and weight-decay schedules are shifted by
+  `freeze_steps` to stay on the global step.
   """
-  def init(params):
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    return LateStartAdamState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
+  def shifted(value):
+    return (lambda count: value(count + freeze_steps)) if callable(value) else value
 
-  def update(updates, state, params=None):
-    count = optax.safe_increment(state.count)
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
-
-    def step(m, v, late):
-      t = jnp.maximum(count - start_step, 1) if late else count
-      m_hat = m / (1 - b1 ** t.astype(m.dtype))
-      v_hat = v / (1 - b2 ** t.astype(v.dtype))
-      return m_hat / (jnp.sqrt(v_hat) + eps)
-    return jax.tree.map(step, mu, nu, late_mask(params)), LateStartAdamState(count, mu, nu)
-
-  return optax.GradientTransformation(init, update)
-
-
-def zero_while(mask, steps: int) -> optax.GradientTransformation:
-  """Sets the updates of the leaves marked by `mask` to 0 during the first `steps` calls."""
-  def update(updates, state, params=None):
-    frozen = state.count < steps
-    updates = jax.tree.map(lambda u, f: jnp.where(frozen, 0.0, u).astype(u.dtype) if f else u,
-                           updates, mask(params))
-    return updates, optax.ScaleByScheduleState(optax.safe_increment(state.count))
-  return optax.GradientTransformation(
-      lambda params: optax.ScaleByScheduleState(jnp.zeros([], jnp.int32)), update)
+  return optax.conditionally_mask(
+      _named_optimizer(optim, shifted(schedule), shifted(weight_decay)),
+      lambda step: step >= freeze_steps)
 
 
 def build_optimizer(optim: ml_collections.ConfigDict,
@@ -179,23 +156,14 @@ def build_optimizer(optim: ml_collections.ConfigDict,
   """The optax chain named by `config.optim.name`, with optional clipping and freezing."""
   weight_decay = weight_decay_schedule(optim)
   freeze_steps = int(round(optim.freeze_steps or 0))
-  if freeze_steps <= 0:
-    tx = _named_optimizer(optim, schedule, weight_decay)
-  elif optim.name == 'adamw':
-    # DINO's cancel_gradients_last_layer sets these gradients to None, so
-    # torch's AdamW skips the parameters entirely: no moments, no step count,
-    # no weight decay. Zero gradients keep Adam's moments at 0; the second
-    # zero_while removes the decay; the late-start count does the rest.
-    def frozen(params):
-      return frozen_mask(params, optim.freeze_module)
-    tx = optax.chain(
-        zero_while(frozen, freeze_steps),
-        scale_by_adam_late_start(optim.b1, optim.b2, optim.eps, frozen, freeze_steps),
-        optax.add_decayed_weights(weight_decay, mask=decay_mask),
-        zero_while(frozen, freeze_steps),
-        optax.scale_by_learning_rate(schedule))
-  else:
-    raise ConfigError(f'config.optim.freeze_steps is implemented for adamw, not {optim.name!r}')
+  tx = _named_optimizer(optim, schedule, weight_decay)
+  if freeze_steps > 0:
+    if optim.name != 'adamw':
+      raise ConfigError(f'config.optim.freeze_steps is implemented for adamw, not {optim.name!r}')
+    tx = optax.partition(
+        {'trained': tx,
+         'frozen': _frozen_at_first(optim, schedule, weight_decay, freeze_steps)},
+        lambda params: frozen_labels(params, optim.freeze_module))
   if optim.grad_clip_norm:
     if optim.grad_clip_scope == 'global':
       clip = optax.clip_by_global_norm(optim.grad_clip_norm)

@@ -107,9 +107,12 @@ def state_shardings_and_graphdef(method: Method, tx: optax.GradientTransformatio
   graphdef, params, model_state = nnx.split(abstract_model, nnx.Param, ...)
   param_shardings = sharding.state_shardings(params, mesh)
   # jit(tx.init) alone would replicate mu/nu; give them their parameter's sharding.
+  # A masked transformation (optax.partition) holds MaskedNode for the other group's leaves.
   opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
-      transform_non_params=lambda _: sharding.replicated(mesh))
+      tx, lambda p, s: p if isinstance(p, optax.MaskedNode) else s,
+      jax.eval_shape(tx.init, params), param_shardings,
+      transform_non_params=lambda _: sharding.replicated(mesh),
+      is_leaf=lambda v: isinstance(v, optax.MaskedNode))
   shardings = {'step': sharding.replicated(mesh), 'params': param_shardings,
                'model_state': sharding.state_shardings(model_state, mesh),
                'opt_state': opt_shardings}

@@ -1,5 +1,6 @@
 """DINO: teacher EMA, no gradient to the teacher, schedules, collapse monitor, :local run."""
 
+import functools
 import math
 
 import jax
@@ -11,7 +12,7 @@ from flax import nnx
 from configs import dino_vit
 from ssl_jax import checkpoint, methods, optim, sharding, train
 from ssl_jax.methods import dino
-from tests import runner
+from tests import hand_written_forms, runner
 
 
 def tiny_config(**model):
@@ -91,6 +92,25 @@ def test_schedules_match_the_reference_formulas(tiny):
     np.testing.assert_allclose(float(wd(step)), cosine(0.04, 0.4, step), rtol=1e-5)
   assert config.optim.weight_decay_steps == steps
   assert config.optim.freeze_steps == per_epoch == 1437 // 8
+
+
+@pytest.mark.parametrize('warmup_steps, total_steps', [(0, 1), (1, 2), (7, 20), (1796, 17960)])
+def test_optax_schedules_equal_the_hand_written_ones(warmup_steps, total_steps):
+  """optax.linear_schedule / cosine_decay_schedule against the former formulas, by step."""
+  steps = sorted({0, 1, 2, warmup_steps - 1, warmup_steps, warmup_steps + 1, total_steps // 2,
+                  total_steps - 1, total_steps, total_steps + 1, 3 * total_steps} - {-1})
+  steps = jnp.asarray(steps, jnp.int32)
+  temperature = dict(start=0.04, end=0.07, warmup_steps=warmup_steps)
+  np.testing.assert_allclose(
+      jax.jit(jax.vmap(lambda s: dino.teacher_temperature(s, **temperature)))(steps),
+      jax.vmap(lambda s: hand_written_forms.teacher_temperature(s, **temperature))(steps),
+      rtol=1e-6)
+  for start in (0.996, 0.9995):
+    momentum = dict(start=start, total_steps=total_steps)
+    got = jax.jit(jax.vmap(functools.partial(dino.teacher_momentum, **momentum)))(steps)
+    want = jax.vmap(functools.partial(hand_written_forms.teacher_momentum, **momentum))(steps)
+    # The EMA moves by 1 - m: that gap must agree, not only m.
+    np.testing.assert_allclose(1.0 - got, 1.0 - want, rtol=1e-5, atol=1e-9)
 
 
 def test_train_step_leaves_the_teacher_to_the_ema(tiny):

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from ssl_jax import config_blocks, optim
+from tests import hand_written_forms
 
 
 def config(**overrides) -> ml_collections.ConfigDict:
@@ -116,6 +117,19 @@ def test_weight_decay_follows_dino_cosine():
     optim.weight_decay_schedule(config(weight_decay_end=0.4))
 
 
+def test_optax_weight_decay_cosine_equals_the_hand_written_one():
+  """DINO's weight-decay cosine: optax form against the former formula, boundaries included."""
+  for start, end, length in [(0.04, 0.4, 100), (0.0, 0.4, 7), (0.4, 0.04, 1), (0.05, 0.05, 3)]:
+    schedule = optim.weight_decay_schedule(config(weight_decay=start, weight_decay_end=end,
+                                                  weight_decay_steps=length))
+    oracle = hand_written_forms.weight_decay_cosine(start, end, length)
+    steps = jnp.asarray(sorted({0, 1, 2, length // 2, length - 1, length, length + 1,
+                                10 * length}), jnp.int32)
+    np.testing.assert_allclose(jax.jit(jax.vmap(schedule))(steps), jax.vmap(oracle)(steps),
+                               rtol=1e-6, atol=1e-9, err_msg=f'{start} -> {end} in {length}')
+    np.testing.assert_allclose(float(schedule(jnp.asarray(length))), end, rtol=1e-6)
+
+
 def test_per_parameter_clipping_matches_dino():
   """utils.clip_gradients: each tensor scaled by clip / (|g| + 1e-6) when that is < 1."""
   tx = optim.build_optimizer(config(name='sgd', momentum=0.0, grad_clip_norm=1.0,
@@ -169,6 +183,42 @@ def test_frozen_last_layer_gets_nothing_then_a_fresh_adam():
     q = optax.apply_updates(q, ref_updates)
   with pytest.raises(ValueError, match='adamw'):
     optim.build_optimizer(config(name='lars', freeze_steps=3), lr)
+
+
+def dino_head_params():
+  return {'head': {'mlp': {'kernel': jnp.full((3, 4), 0.5), 'bias': jnp.full((4,), 0.1)},
+                   'last_layer': {'kernel': jnp.full((4, 2), 0.2), 'scale': jnp.ones((1, 2))}}}
+
+
+def test_optax_partition_freezing_equals_the_hand_written_adam():
+  """optax.partition + conditionally_mask against the former late-start Adam, across the thaw."""
+  lr = optax.linear_schedule(0.1, 0.2, 10)
+  cfg = config(name='adamw', freeze_steps=3, weight_decay=0.04, weight_decay_end=0.4,
+               weight_decay_steps=10)
+  tx, oracle = optim.build_optimizer(cfg, lr), hand_written_forms.frozen_adamw(cfg, lr)
+  update, oracle_update = jax.jit(tx.update), jax.jit(oracle.update)
+  p = q = dino_head_params()
+  state, oracle_state = tx.init(p), oracle.init(q)
+  rng = np.random.default_rng(0)
+  for step in range(8):
+    g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p)
+    updates, state = update(g, state, p)
+    want, oracle_state = oracle_update(g, oracle_state, q)
+    p, q = optax.apply_updates(p, updates), optax.apply_updates(q, want)
+    for got, wanted in zip(jax.tree.leaves(updates), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(got, wanted, rtol=1e-6, atol=1e-7, err_msg=f'step {step}')
+    if step < 3:
+      np.testing.assert_array_equal(updates['head']['last_layer']['kernel'], 0.0)
+    # The frozen layer's Adam moments: zero while frozen (torch never creates them), then alike.
+    frozen = state.inner_states['frozen'].inner_state
+    adam, oracle_adam = frozen.inner_state[0], oracle_state[1]
+    assert int(adam.count) == max(step - 2, 0)  # Counts from the thaw, as torch's per-tensor step.
+    for moment in ('mu', 'nu'):
+      np.testing.assert_allclose(getattr(adam, moment)['head']['last_layer']['kernel'],
+                                 getattr(oracle_adam, moment)['head']['last_layer']['kernel'],
+                                 rtol=1e-6, atol=1e-9)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p, q)
+  assert np.abs(p['head']['last_layer']['kernel'] - 0.2).max() > 1e-2  # It did thaw.
 
 
 def test_decay_mask_exempts_biases_of_any_rank_norms_and_the_probe():

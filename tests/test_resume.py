@@ -5,9 +5,12 @@ import signal
 import subprocess
 import time
 
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
-from tests import runner
+from ssl_jax import checkpoint
+from tests import hand_written_forms, runner
 
 STEPS = ('--config.train.steps=40', '--config.train.checkpoint_every=10')
 
@@ -101,3 +104,23 @@ def test_rerun_of_finished_run_skips_training_and_corrupt_checkpoint_is_reported
 
 def file_contents(directory) -> dict:
   return {p.relative_to(directory): p.read_bytes() for p in directory.rglob('*') if p.is_file()}
+
+
+def test_latest_saved_step_is_the_checkpoint_managers(tmp_path):
+  """orbax's step lookup against the former directory scan and CheckpointManager.latest_step."""
+  for workdir in (tmp_path / 'nowhere', tmp_path / 'empty'):
+    (tmp_path / 'empty' / 'checkpoints').mkdir(parents=True, exist_ok=True)
+    assert checkpoint.latest_saved_step(workdir) is None
+    assert hand_written_forms.latest_saved_step(workdir) is None
+  directory = tmp_path / 'run' / 'checkpoints'
+  manager = ocp.CheckpointManager(directory, item_names=('state',))
+  for step in (3, 12):
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({'x': jnp.ones(2)})))
+  manager.wait_until_finished()
+  manager.close()
+  (directory / '40.orbax-checkpoint-tmp-99').mkdir()  # A save cut short.
+  (directory / 'notes').mkdir()
+  assert checkpoint.latest_saved_step(tmp_path / 'run') == 12
+  assert hand_written_forms.latest_saved_step(tmp_path / 'run') == 12
+  assert ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      read_only=True)).latest_step() == 12

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ssl_jax import losses
+from tests import hand_written_forms
 
 
 def numpy_cross_entropy(logits_row: np.ndarray, label: int) -> float:
@@ -141,3 +142,25 @@ def test_shape_mismatch_is_a_clear_error(fn):
       losses.next_token_loss(logits, tokens)
     else:
       losses.masked_lm_loss(logits, tokens, np.ones((2, 4), np.float32))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_optax_cross_entropy_equals_the_hand_written_one(dtype):
+  """optax's CE with `where`: the same loss and gradient as the former logsumexp - gather."""
+  rng, logits, tokens = random_lm_batch(5, batch=4, length=9, vocab=13)
+  chosen = (rng.random(tokens.shape) < 0.5).astype(np.float32)
+  weights = chosen * rng.choice([1.0, 0.5], tokens.shape)  # Weights other than 1 too.
+  labels = np.where(weights > 0, tokens, -100)  # Ignored labels hold anything.
+  logits = jnp.asarray(logits, dtype)
+  for w in (weights, np.zeros_like(weights)):  # Also with no counted token.
+    value_and_grad = jax.jit(jax.value_and_grad(losses.masked_lm_loss))
+    got, got_grad = value_and_grad(logits, labels, w)
+    want, want_grad = jax.value_and_grad(hand_written_forms.weighted_token_cross_entropy)(
+        logits, labels, w)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(np.float32(got_grad), np.float32(want_grad), rtol=1e-6, atol=1e-9)
+    assert np.isfinite(np.float32(got_grad)).all()
+  next_token = jax.grad(losses.next_token_loss)(logits, tokens, weights)
+  want = jax.grad(lambda x: hand_written_forms.weighted_token_cross_entropy(
+      x[:, :-1], tokens[:, 1:], weights[:, 1:]))(logits)
+  np.testing.assert_allclose(np.float32(next_token), np.float32(want), rtol=1e-6, atol=1e-9)

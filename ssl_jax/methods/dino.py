@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from ssl_jax import losses, optim
@@ -63,15 +64,20 @@ def retyped(module: nnx.Module, source: type, target: type) -> nnx.Module:
 # ------------------------------------------------------------------------------
 def teacher_temperature(step: jax.Array, *, start: float, end: float,
                         warmup_steps: int) -> jax.Array:
-  """Linear from `start` to `end` over `warmup_steps`, then `end` (DINOLoss's warmup)."""
-  progress = jnp.minimum(step / max(warmup_steps, 1), 1.0)
-  return start + (end - start) * progress
+  """Linear from `start` to `end` over `warmup_steps`, then `end` (DINOLoss's warmup).
+
+  At least one step long: with 0 warmup steps optax would hold `start`.
+  """
+  return optax.linear_schedule(start, end, max(warmup_steps, 1))(step)
 
 
 def teacher_momentum(step: jax.Array, *, start: float, total_steps: int) -> jax.Array:
-  """Cosine from `start` at step 0 to 1 at `total_steps` (utils.cosine_scheduler(m, 1))."""
-  progress = jnp.minimum(step / max(total_steps, 1), 1.0)
-  return 1.0 - 0.5 * (1.0 - start) * (1.0 + jnp.cos(math.pi * progress))
+  """Cosine from `start` at step 0 to 1 at `total_steps` (utils.cosine_scheduler(m, 1)).
+
+  1 minus optax's cosine decay of the gap 1 - m, as the reference computes it:
+  the small gap keeps its float32 precision near m = 1.
+  """
+  return 1.0 - optax.cosine_decay_schedule(1.0 - start, max(total_steps, 1))(step)
 
 
 # ------------------------------------------------------------------------------
