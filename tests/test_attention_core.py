@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ssl_jax.errors import ConfigError
 from ssl_jax.models import transformer
 
 B, T, HEADS, HEAD_DIM, WIDTH = 2, 6, 2, 8, 16
@@ -113,3 +114,28 @@ def test_vit_stack_returns_only_the_last_blocks_weights():
     h, last = block(h)  # need_weights defaults to True, as torch's MultiheadAttention.
   np.testing.assert_allclose(np.asarray(out), np.asarray(stack.norm(h)), atol=2e-6)
   np.testing.assert_allclose(np.asarray(weights), np.asarray(last), atol=1e-6)
+
+
+def test_auto_picks_cudnn_only_where_it_applies(monkeypatch):
+  q = jnp.zeros((2, 8, 4, 16), jnp.bfloat16)
+  mask = jnp.ones((2, 1, 8, 8), bool)
+  assert transformer.fused_implementation(q, None, 'auto') == 'xla'  # This CPU.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert transformer.fused_implementation(q, None, 'auto') == 'cudnn'
+  assert transformer.fused_implementation(q, mask, 'auto') == 'xla'  # BERT's padding.
+  assert transformer.fused_implementation(q.astype(jnp.float32), None, 'auto') == 'xla'
+  assert transformer.fused_implementation(q, None, 'xla') == 'xla'
+  with pytest.raises(ConfigError, match="'flash' is not one of"):
+    transformer.fused_implementation(q, None, 'flash')
+
+
+def test_auto_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
+  """On this CPU cuDNN refuses at trace time: 'auto' gives XLA's result, 'cudnn' fails."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 8, 4, 16)), jnp.bfloat16) for _ in range(3))
+  expected, _ = transformer.attend(q, k, v, causal=True, implementation='xla')
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  out, _ = transformer.attend(q, k, v, causal=True, implementation='auto')
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+  with pytest.raises(Exception):  # noqa: B017  (cuDNN's own error, whichever it is)
+    transformer.attend(q, k, v, causal=True, implementation='cudnn')

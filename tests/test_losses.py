@@ -1,11 +1,13 @@
 """Losses against independent NumPy implementations of the papers' formulas."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ssl_jax import losses
+from ssl_jax.models.heads import probe_loss_and_accuracy
 
 
 def numpy_patchify(images: np.ndarray, p: int) -> np.ndarray:
@@ -118,3 +120,18 @@ def test_ntxent_negatives_span_the_sharded_global_batch():
   np.testing.assert_allclose(float(sharded), numpy_ntxent(z1, z2, 0.1), rtol=1e-5)
   per_device = np.mean([numpy_ntxent(z1[i:i + 2], z2[i:i + 2], 0.1) for i in range(0, 16, 2)])
   assert abs(float(sharded) - per_device) > 0.1  # Local-only negatives would give this.
+
+
+def test_online_probe_loss_ignores_unlabelled_examples():
+  """heads.probe_loss_and_accuracy against NumPy: mean CE and top-1 over labels >= 0."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 4)).astype(np.float32) * 3
+  labels = np.array([0, 3, -1, 2, -1, 1])
+  loss, accuracy = probe_loss_and_accuracy(jnp.asarray(logits), jnp.asarray(labels))
+  keep = labels >= 0
+  shifted = logits - logits.max(1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+  expected = -log_probs[keep, labels[keep]].mean()
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  assert float(accuracy) == np.mean(logits[keep].argmax(1) == labels[keep])
+  assert np.isfinite(float(probe_loss_and_accuracy(jnp.asarray(logits), -np.ones(6, int))[0]))

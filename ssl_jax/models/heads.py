@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from ssl_jax.models.initializers import partitioned, torch_default_uniform, torch_trunc_normal
@@ -61,9 +62,11 @@ class LinearProbe(nnx.Module):
 
 def probe_loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Softmax cross-entropy and top-1 accuracy over examples with a label (>= 0)."""
-  valid = (labels >= 0).astype(jnp.float32)
-  safe_labels = jnp.maximum(labels, 0)
-  per_example = -jnp.take_along_axis(jax.nn.log_softmax(logits), safe_labels[:, None], 1)[:, 0]
+  has_label = labels >= 0
+  valid = has_label.astype(jnp.float32)
+  # where= zeroes the unlabelled rows; their label is replaced so no index is out of range.
+  per_example = optax.losses.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), jnp.where(has_label, labels, 0), where=has_label)
   count = jnp.maximum(valid.sum(), 1.0)
   accuracy = ((logits.argmax(-1) == labels) * valid).sum() / count
   return (per_example * valid).sum() / count, accuracy

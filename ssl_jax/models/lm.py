@@ -65,9 +65,9 @@ class TransformerConfig:
   scale_residual_init: bool = True  # std / sqrt(2 depth) on residual projections.
   dtype: Any = 'float32'  # Compute dtype; parameters are always float32.
   remat: bool = False
-  # jax.nn.dot_product_attention's `implementation`: None (jax's choice, XLA
-  # in jax 0.10) or 'cudnn' (the fused kernel; GPU, bfloat16/float16).
-  attention_implementation: str | None = None
+  # 'auto' (cuDNN's fused kernel on GPU in bfloat16/float16 without a padding
+  # mask, else XLA), 'xla' or 'cudnn': see transformer.fused_implementation.
+  attention_implementation: str = 'auto'
 
   def __post_init__(self):
     choices = {'norm': ('pre', 'post'), 'gelu': ('tanh', 'erf'), 'head': ('tied', 'mlm')}

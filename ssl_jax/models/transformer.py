@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from ssl_jax.errors import ConfigError
@@ -103,19 +104,52 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None,
   return jax.nn.softmax(logits, axis=-1)
 
 
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+
+
+def fused_implementation(q: jax.Array, mask: jax.Array | None, implementation: str) -> str:
+  """The `jax.nn.dot_product_attention` implementation to use for `implementation`.
+
+  'auto' picks cuDNN's fused (flash) kernel where it applies, on a GPU with
+  bfloat16/float16 queries and no explicit mask (causal or none: GPT-2, the
+  ViT, MAE's decoder); it never materialises the (B, heads, T, S) scores.
+  Elsewhere (CPU, TPU, float32, BERT's padding masks) 'xla'. jax 0.10's own
+  default (None) is always XLA.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ConfigError(f'attention implementation {implementation!r} is not one of '
+                      f'{IMPLEMENTATIONS}')
+  if implementation != 'auto':
+    return implementation
+  if (jax.default_backend() == 'gpu' and mask is None
+      and q.dtype in (jnp.bfloat16, jnp.float16)):
+    return 'cudnn'
+  return 'xla'
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
            causal: bool = False, need_weights: bool = False, dropout_rate: float = 0.0,
            dropout_rng: jax.Array | None = None,
-           implementation: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+           implementation: str = 'auto') -> tuple[jax.Array, jax.Array | None]:
   """Scaled dot-product attention: (B, T, heads, E) -> ((B, T, heads, E), weights or None).
 
   The fused `jax.nn.dot_product_attention` unless the weights are wanted or
   attention dropout is on (it has none): then the explicit softmax, whose
-  weights (before dropout) come back as (B, heads, T, S).
+  weights (before dropout) come back as (B, heads, T, S). With 'auto', a
+  cuDNN kernel that refuses the shapes when traced (head size, cuDNN
+  version) falls back to XLA, with a log line.
   """
   if not need_weights and (dropout_rng is None or dropout_rate == 0.0):
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                       implementation=implementation)
+    chosen = fused_implementation(q, mask, implementation)
+    try:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                         implementation=chosen)
+    except Exception as e:  # noqa: BLE001  (only an 'auto' choice of cuDNN falls back)
+      if implementation != 'auto' or chosen != 'cudnn':
+        raise
+      logging.log_first_n(logging.WARNING, 'cuDNN attention unavailable (%s); using XLA.', 1, e)
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                         implementation='xla')
     return out, None
   weights = attention_weights(q, k, mask, causal=causal).astype(v.dtype)
   dropped = dropout(weights, dropout_rate, dropout_rng)
@@ -128,7 +162,7 @@ class Attention(nnx.Module):
   def __init__(self, width: int, num_heads: int, *, dtype: Dtype = jnp.float32,
                use_bias: bool = True, kernel_init: KernelInit = xavier_uniform,
                residual_init: KernelInit | None = None, dropout_rate: float = 0.0,
-               implementation: str | None = None, rngs: nnx.Rngs):
+               implementation: str = 'auto', rngs: nnx.Rngs):
     if width % num_heads:
       raise ConfigError(f'width {width} is not divisible by num_heads {num_heads}')
     head_dim = width // num_heads
@@ -145,7 +179,7 @@ class Attention(nnx.Module):
         bias_init=partitioned(nnx.initializers.zeros, 'embed'),
         dtype=dtype, rngs=rngs)
     self.dropout_rate = dropout_rate
-    self.implementation = implementation  # jax.nn.dot_product_attention's: None, 'cudnn'.
+    self.implementation = implementation  # 'auto', 'xla' or 'cudnn': see fused_implementation.
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None, *, causal: bool = False,
                dropout_rng: jax.Array | None = None,
@@ -215,7 +249,7 @@ class Block(nnx.Module):
                norm: str = 'pre', layer_norm_eps: float = 1e-6, gelu: str = 'erf',
                use_bias: bool = True, kernel_init: KernelInit = xavier_uniform,
                residual_init: KernelInit | None = None, dropout_rate: float = 0.0,
-               drop_path_rate: float = 0.0, implementation: str | None = None,
+               drop_path_rate: float = 0.0, implementation: str = 'auto',
                rngs: nnx.Rngs):
     if norm not in ('pre', 'post'):
       raise ConfigError(f"norm={norm!r}: expected 'pre' or 'post'")
