@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ssl_jax.models.vit import Attention, Block, ViT
+from ssl_jax.models.transformer import Attention, Block
+from ssl_jax.models.vit import ViT
 from tests import numpy_vit as ref
 
 WIDTH, HEADS, MLP_DIM, DEPTH, PATCH, CHANNELS = 32, 4, 64, 2, 4, 3

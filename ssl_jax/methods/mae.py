@@ -15,7 +15,9 @@ from flax import nnx
 from ssl_jax import losses
 from ssl_jax.data.normalize import denormalize, normalize
 from ssl_jax.methods.base import Batch, Method, Metrics
-from ssl_jax.models.vit import Transformer, ViT, partitioned, posemb_sincos_2d, xavier_uniform
+from ssl_jax.models.initializers import partitioned, xavier_uniform
+from ssl_jax.models.transformer import Transformer
+from ssl_jax.models.vit import ViT, posemb_sincos_2d
 from ssl_jax.pictures import image_grid
 
 

@@ -29,12 +29,7 @@ from ssl_jax.models.initializers import (
   torch_trunc_normal,
   xavier_uniform,
 )
-from ssl_jax.models.transformer import Attention, Block, Transformer
-
-# The core's layers under the names the ViT code and its tests have always used;
-# partitioned and xavier_uniform are MAE's decoder's (methods/mae.py).
-__all__ = ['Attention', 'Block', 'Transformer', 'ViT', 'interpolate_posemb', 'partitioned',
-           'posemb_sincos_2d', 'xavier_uniform']
+from ssl_jax.models.transformer import Transformer
 
 Dtype = Any
 
