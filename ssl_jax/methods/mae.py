@@ -21,13 +21,17 @@ from ssl_jax.models.vit import ViT, posemb_sincos_2d
 from ssl_jax.pictures import image_grid
 
 
-def random_masking(tokens: jax.Array, rng: jax.Array, mask_ratio: float):
+def random_masking(tokens: jax.Array, rng: jax.Array | None, mask_ratio: float,
+                   noise: jax.Array | None = None):
   """Keeps a random (1 - mask_ratio) share of each sample's tokens.
 
   Args:
     tokens: (B, L, D) patch tokens.
-    rng: PRNG key.
+    rng: PRNG key (unused when `noise` is given).
     mask_ratio: fraction of tokens removed.
+    noise: optional (B, L) noise that decides the masking, as the `noise`
+      argument of Hugging Face's ViTMAEEmbeddings.random_masking
+      (modeling_vit_mae.py); by default uniform noise drawn from `rng`.
 
   Returns:
     kept (B, K, D) tokens in shuffled order, mask (B, L) with 1 = removed,
@@ -35,7 +39,8 @@ def random_masking(tokens: jax.Array, rng: jax.Array, mask_ratio: float):
   """
   batch, length, _ = tokens.shape
   num_keep = int(length * (1 - mask_ratio))
-  noise = jax.random.uniform(rng, (batch, length))
+  if noise is None:
+    noise = jax.random.uniform(rng, (batch, length))
   ids_shuffle = jnp.argsort(noise, axis=1)  # ascending: the smallest noise is kept
   ids_restore = jnp.argsort(ids_shuffle, axis=1)
   kept = jnp.take_along_axis(tokens, ids_shuffle[:, :num_keep, None], axis=1)
@@ -80,12 +85,16 @@ class MAEModel(nnx.Module):
     x, _ = self.decoder(x)
     return self.decoder_pred(x)[:, 1:].astype(jnp.float32)
 
-  def __call__(self, images: jax.Array, rng: jax.Array, mask_ratio: float):
-    """Normalised (B, H, W, C) images -> (pred (B, L, p*p*C), mask (B, L))."""
+  def __call__(self, images: jax.Array, rng: jax.Array | None, mask_ratio: float,
+               noise: jax.Array | None = None):
+    """Normalised (B, H, W, C) images -> (pred (B, L, p*p*C), mask (B, L)).
+
+    The (B, L) `noise`, if given, decides the masking instead of `rng`.
+    """
     tokens = self.encoder.patch_tokens(images)
     patch = self.encoder.patch_size
     grid = (images.shape[1] // patch, images.shape[2] // patch)
-    kept, mask, ids_restore = random_masking(tokens, rng, mask_ratio)
+    kept, mask, ids_restore = random_masking(tokens, rng, mask_ratio, noise)
     latent = self.encoder.encode(kept)['tokens']
     return self.decode(latent, ids_restore, grid), mask
 

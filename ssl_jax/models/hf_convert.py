@@ -112,7 +112,7 @@ def bert_to_hf(params: Params) -> StateDict:
   return {name: np.array(value, np.float32) for name, value in sd.items()}
 
 
-def _check_and_take(state_dict: Mapping[str, Any], want: StateDict, what: str) -> StateDict:
+def check_and_take(state_dict: Mapping[str, Any], want: StateDict, what: str) -> StateDict:
   """The arrays of `state_dict` for the names and shapes of `want`; clear errors otherwise."""
   # Old TF-converted BERT checkpoints name LayerNorm parameters gamma / beta.
   renamed = {re.sub(r'\.gamma$', '.weight', re.sub(r'\.beta$', '.bias', k)): v
@@ -146,7 +146,7 @@ def gpt2_from_hf(state_dict: Mapping[str, Any], model: TransformerLM) -> Params:
     sd = {('transformer.' + k if not k.startswith('transformer.') else k): v
           for k, v in sd.items()}
     sd['lm_head.weight'] = sd.get('transformer.wte.weight')
-  sd = _check_and_take(sd, gpt2_to_hf(like), 'GPT-2')
+  sd = check_and_take(sd, gpt2_to_hf(like), 'GPT-2')
   _tied(sd, 'lm_head.weight', 'transformer.wte.weight')
   params = {'token_embed': {'embedding': sd['transformer.wte.weight']},
             'position_embed': {'embedding': sd['transformer.wpe.weight']},
@@ -178,7 +178,7 @@ def bert_from_hf(state_dict: Mapping[str, Any], model: TransformerLM) -> Params:
   sd.setdefault('cls.predictions.decoder.bias', sd.get('cls.predictions.bias'))
   sd.setdefault('cls.predictions.decoder.weight',
                 sd.get('bert.embeddings.word_embeddings.weight'))
-  sd = _check_and_take(sd, bert_to_hf(like), 'BERT')
+  sd = check_and_take(sd, bert_to_hf(like), 'BERT')
   _tied(sd, 'cls.predictions.decoder.weight', 'bert.embeddings.word_embeddings.weight')
   _tied(sd, 'cls.predictions.decoder.bias', 'cls.predictions.bias')
   e = 'bert.embeddings.'
