@@ -22,10 +22,17 @@ Names and layouts follow transformers' `models/vit_mae/modeling_vit_mae.py`
   `decoder_norm`, `decoder_pred`.
 
 An encoder alone (`ViTMAEModel`) has the same names without the `vit.`
-prefix. Parameters are the nested dicts of `nnx.to_pure_dict(nnx.state(model,
+prefix. These are the names of published files (facebook/vit-mae-*) and of
+`state_dict()` in transformers 4.x, and what we write. transformers 5
+renamed the modules in memory (`vit.layers.{i}.attention.q_proj`, `o_proj`,
+`mlp.fc1`, `mlp.fc2`; seen in 5.24.0) but still saves files in the old
+names, except that its 5.24.0 `save_pretrained` writes the decoder layers as
+`decoder.decoder_encoder.layer.{i}`: `legacy_names` maps all of these back
+on import. Parameters are the nested dicts of `nnx.to_pure_dict(nnx.state(model,
 nnx.Param))`; `hf_convert.load_params` puts such a dict into a model.
 """
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +43,29 @@ from ssl_jax.models.vit import posemb_sincos_2d
 
 # How far a checkpoint's frozen sin-cos buffer may be from ours (float32 rounding).
 POSEMB_ATOL = 1e-4
+
+
+# transformers 5 names (in memory, and 5.24's saved decoder) -> the published files' names.
+_RENAMES = (
+    (r'^(vit\.)?layers\.(\d+)\.', r'\1encoder.layer.\2.'),
+    (r'^decoder\.decoder_encoder\.layer\.(\d+)\.', r'decoder.decoder_layers.\1.'),
+    (r'\.attention\.q_proj\.', '.attention.attention.query.'),
+    (r'\.attention\.k_proj\.', '.attention.attention.key.'),
+    (r'\.attention\.v_proj\.', '.attention.attention.value.'),
+    (r'\.attention\.o_proj\.', '.attention.output.dense.'),
+    (r'\.mlp\.fc1\.', '.intermediate.dense.'),
+    (r'\.mlp\.fc2\.', '.output.dense.'),
+)
+
+
+def legacy_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """A ViTMAE state dict under the published files' names, whatever transformers wrote it."""
+  renamed = {}
+  for name, value in state_dict.items():
+    for pattern, replacement in _RENAMES:
+      name = re.sub(pattern, replacement, name)
+    renamed[name] = value
+  return renamed
 
 
 def _a(x: Any) -> np.ndarray:
@@ -158,7 +188,7 @@ def vit_from_hf(sd: StateDict, like: Params, prefix: str = 'vit.') -> Params:
 
 def vit_mae_from_hf(state_dict: Mapping[str, Any], like: Params, grid: int) -> Params:
   """`ViTMAEForPreTraining` state dict -> `MAEModel` parameters shaped like `like`."""
-  sd = check_and_take(state_dict, vit_mae_to_hf(like, grid), 'ViTMAE')
+  sd = check_and_take(legacy_names(state_dict), vit_mae_to_hf(like, grid), 'ViTMAE')
   d = 'decoder.'
   _check_sincos(sd, d + 'decoder_pos_embed')
   return {'encoder': vit_from_hf(sd, like['encoder']),
@@ -175,6 +205,7 @@ def vit_mae_from_hf(state_dict: Mapping[str, Any], like: Params, grid: int) -> P
 
 def vit_encoder_from_hf(state_dict: Mapping[str, Any], like: Params, grid: int) -> Params:
   """`ViTMAEModel` (no prefix) or `ViTMAEForPreTraining` (decoder ignored) -> ViT parameters."""
+  state_dict = legacy_names(state_dict)
   prefix = 'vit.' if any(k.startswith('vit.') for k in state_dict) else ''
   encoder = {k: v for k, v in state_dict.items() if k.startswith(prefix)
              and not k.startswith('decoder.')}
