@@ -213,3 +213,24 @@ def test_errors_name_the_problem(tmp_path):
       convert.read_state_dict(tmp_path / 'pytorch_model.bin')
   with pytest.raises(ValueError, match='sin-cos'):
     hf_vit_mae.vit_to_hf({'pos_embed': None}, 4)
+
+
+def test_vit_mae_reads_transformers_5_names():
+  """transformers 5.24 keeps ViTMAE layers as `vit.layers.{i}.attention.q_proj` ... in memory."""
+  sd = random_state_dict('vit_mae', seed=5)
+  renames = [('vit.encoder.layer.', 'vit.layers.'),
+             ('decoder.decoder_layers.', 'decoder.decoder_encoder.layer.'),
+             ('attention.attention.query', 'attention.q_proj'),
+             ('attention.attention.key', 'attention.k_proj'),
+             ('attention.attention.value', 'attention.v_proj'),
+             ('attention.output.dense', 'attention.o_proj'),
+             ('intermediate.dense', 'mlp.fc1'), ('.output.dense', '.mlp.fc2')]
+  new = {}
+  for name, value in sd.items():
+    for old, replacement in renames:
+      name = name.replace(old, replacement)
+    new[name] = value
+  assert 'vit.layers.0.mlp.fc2.bias' in new and 'vit.layers.1.attention.o_proj.weight' in new
+  back = convert.to_hf('vit_mae', convert.from_hf('vit_mae', CONFIGS['vit_mae'], new))
+  for name, value in sd.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
