@@ -57,6 +57,19 @@ def _torch_outputs(kind, model, inputs):
     return {'logits': model(torch.from_numpy(inputs['tokens']).long()).logits.numpy()}
 
 
+def _sincos_positions(model) -> None:
+  """ViTMAEEmbeddings / ViTMAEDecoder.initialize_weights' sin-cos buffers (transformers 5.24)."""
+  import torch
+  from transformers.models.vit_mae import modeling_vit_mae as hf
+  for buffer in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
+    grid = int(round((buffer.shape[1] - 1) ** 0.5))
+    pos = hf.build_2d_sinusoidal_position_embedding(
+        height=grid, width=grid, embed_dim=buffer.shape[-1], cls_token=True)
+    half = pos.shape[-1] // 2  # HF rotates the halves to the pretrained (MAE) layout.
+    with torch.no_grad():
+      buffer.copy_(torch.cat([pos[..., half:], pos[..., :half]], dim=-1)[None])
+
+
 def torch_reference(work: pathlib.Path) -> None:
   """Stage 1: random HF models, their files, inputs and outputs under `work/KIND`."""
   import torch
@@ -65,17 +78,15 @@ def torch_reference(work: pathlib.Path) -> None:
   for kind, (config_class, model_class) in _torch_classes().items():
     config = config_class(**CONFIGS[kind], attn_implementation='eager')
     model = model_class(config).eval()
+    if kind == 'vit_mae':  # Published checkpoints hold sin-cos positions; a fresh 5.24 model
+      # has zeros (ViTMAEPreTrainedModel._init_weights zeroes the decoder's, and
+      # ViTMAEEmbeddings.initialize_weights returns early): written as HF computes them.
+      _sincos_positions(model)
     with torch.no_grad():
       for name, param in model.named_parameters():
         if param.requires_grad:  # ViT-MAE's sin-cos position buffers stay.
           scale = 'norm' in name.lower() and name.endswith('weight')  # LayerNorm: 1 + noise.
           param.copy_(torch.randn_like(param) * 0.3 + float(scale))
-      if kind == 'vit_mae':  # Published checkpoints hold the sin-cos positions; 5.24's
-        from transformers.models.vit_mae import modeling_vit_mae as hf  # init zeroes the decoder's.
-        for buffer in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
-          grid = int(round((buffer.shape[1] - 1) ** 0.5))
-          buffer.copy_(torch.from_numpy(hf.get_2d_sincos_pos_embed(
-              buffer.shape[-1], grid, add_cls_token=True)).float()[None])
     model.save_pretrained(work / kind)
     if kind == 'vit_mae':
       grid = (config.image_size // config.patch_size) ** 2
