@@ -34,8 +34,8 @@ from ssl_jax.errors import UserError
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'probe.py')
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', _DEFAULT_CONFIG, 'Probe protocols: configs/probe.py[:knn|mae|simclr|dino|lm].',
-    lock_config=True)
+    'config', None, 'Probe protocols: configs/probe.py[:knn|mae|simclr|dino|lm] (default: '
+    'configs/probe.py, the mae protocol).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a run; its export/ is probed.')
 _EXPORT = flags.DEFINE_string('export', None, 'An export directory (encoder/ + config.json).')
 _RANDOM_INIT = flags.DEFINE_bool(
@@ -257,5 +257,16 @@ def main(argv: list[str]) -> None:
   print(json.dumps(results), flush=True)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, with configs/probe.py as the default --config.
+
+  Given as the flag's default, config_flags would apply --config.* overrides
+  while the flag is defined, outside the parser's error messages.
+  """
+  if not any(arg == '--config' or arg.startswith('--config=') for arg in argv[1:]):
+    argv = [argv[0], f'--config={_DEFAULT_CONFIG}', *argv[1:]]
+  return cli.parse_config_flags(argv, USAGE)
+
+
 if __name__ == '__main__':
-  app.run(main, flags_parser=lambda argv: cli.parse_config_flags(argv, USAGE))
+  app.run(main, flags_parser=parse_flags)

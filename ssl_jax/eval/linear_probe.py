@@ -110,7 +110,20 @@ def protocol_linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
   elif block.feature_norm != 'none':
     raise ConfigError(f"feature_norm={block.feature_norm!r}: expected 'batchnorm' or 'none'")
   num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-  batch, steps_per_epoch, warmup = probe_steps(len(train_features), block)
+  params, batch, total = fit_protocol_head(train_features, train_labels, num_classes, block)
+  logits = np.asarray(jnp.asarray(test_features) @ params['kernel'] + params['bias'])
+  return {'linear_top1': float(np.mean(logits.argmax(-1) == test_labels)),
+          'linear_batch_size': batch, 'linear_steps': total}
+
+
+def fit_protocol_head(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                      block: ml_collections.ConfigDict, init: dict | None = None
+                      ) -> tuple[dict, int, int]:
+  """(head {'kernel', 'bias'}, batch size, steps) trained on (normalised) `features`.
+
+  `init` (default: kernel ~ N(0, head_init_std), bias 0) starts the head.
+  """
+  batch, steps_per_epoch, warmup = probe_steps(len(features), block)
   total = steps_per_epoch * int(block.epochs)
   optim = protocol_optim(block)
   optim.warmup_steps = warmup
@@ -119,16 +132,15 @@ def protocol_linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
   tx = optim_lib.build_optimizer(optim, schedule)
   rng = np.random.default_rng(block.seed)
   # The reference reshuffles every epoch (DistributedSampler / RandomSampler).
-  order = np.concatenate([rng.permutation(len(train_features))[:steps_per_epoch * batch]
+  order = np.concatenate([rng.permutation(len(features))[:steps_per_epoch * batch]
                           for _ in range(int(block.epochs))]).reshape(total, batch)
-  params = {'kernel': jnp.asarray(rng.normal(size=(train_features.shape[1], num_classes))
-                                  * block.head_init_std, jnp.float32),
-            'bias': jnp.zeros(num_classes, jnp.float32)}
-  params = _fit_head(params, tx, jnp.asarray(train_features, jnp.float32),
-                     jnp.asarray(train_labels), jnp.asarray(order), num_classes)
-  logits = np.asarray(jnp.asarray(test_features) @ params['kernel'] + params['bias'])
-  return {'linear_top1': float(np.mean(logits.argmax(-1) == test_labels)),
-          'linear_batch_size': batch, 'linear_steps': total}
+  if init is None:
+    init = {'kernel': rng.normal(size=(features.shape[1], num_classes)) * block.head_init_std,
+            'bias': np.zeros(num_classes)}
+  params = {name: jnp.asarray(value, jnp.float32) for name, value in init.items()}
+  params = _fit_head(params, tx, jnp.asarray(features, jnp.float32), jnp.asarray(labels),
+                     jnp.asarray(order), num_classes)
+  return params, batch, total
 
 
 def _fit_head(params: dict, tx: optax.GradientTransformation, features: jax.Array,
