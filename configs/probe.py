@@ -2,7 +2,7 @@ r"""Protocols of `python -m ssl_jax.probe`: evaluate an exported encoder.
 
 Variants (`--config=configs/probe.py:VARIANT`; the default is `mae`):
   knn     the weighted kNN alone (dino eval_knn.py): the quick check.
-  mae     kNN + MAE's linear probe (mae main_linprobe.py, paper appendix A.3).
+  mae     kNN + MAE's linear probe (mae main_linprobe.py, the paper's appendix on linear probing).
   simclr  kNN + SimCLR's linear eval (google-research/simclr README.md lines 116-121, run.py).
   dino    kNN + DINO's linear probe (dino eval_linear.py).
   lm      GPT / BERT exports: next-token or masked-token loss on the held-out text.
