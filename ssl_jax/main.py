@@ -10,13 +10,12 @@ Multi-process (several hosts, or processes on one host): pass
 environment.
 """
 
-import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssl_jax.cli import quiet_logging
+from ssl_jax import cli
 from ssl_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -36,42 +35,16 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, with unknown `--config.` keys reported by their full name."""
-  try:
-    return flags.FLAGS(argv)
-  except (KeyError, AttributeError) as e:
-    bad = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
-    unknown = [a for a in bad if not _config_has(a[len('--config.'):])]
-    hint = re.search(r'Did you mean "\w+"', str(e))
-    sys.exit(f'error: unknown config key {", ".join(unknown or bad)}'
-             + (f' ({hint.group(0).lower()}?)' if hint else '') +
-             '\nThe keys are those of the config file (and of WORKDIR/config.json).')
-  except flags.Error as e:
-    message = str(e)
-    if 'Traceback' in message:  # A config file that raised: keep its last line.
-      lines = [line for line in message.splitlines() if line.strip()]
-      message = f'{lines[0]} {lines[-1]}'
-    sys.exit(f'error: {message}\nUsage: python -m ssl_jax.main '
-             '--config=configs/X.py[:VARIANT] --workdir=DIR [--config.KEY=VALUE ...]')
-
-
-def _config_has(dotted: str) -> bool:
-  """Whether the config file named by --config has the dotted key (best effort)."""
-  try:
-    node = flags.FLAGS['config'].value
-  except Exception:  # The config itself did not load.
-    return False
-  for part in dotted.split('.'):
-    if node is None or not hasattr(node, 'keys') or part not in node:
-      return False
-    node = node[part]
-  return True
+  return cli.parse_config_flags(
+      argv, 'python -m ssl_jax.main --config=configs/X.py[:VARIANT] --workdir=DIR '
+      '[--config.KEY=VALUE ...]')
 
 
 def main(argv: list[str]) -> None:
   """Starts jax.distributed if asked, then trains."""
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
-  quiet_logging()
+  cli.quiet_logging()
   import jax  # After flag parsing, so a bad flag costs no jax start-up.
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
