@@ -4,7 +4,7 @@ Variants (`--config=configs/finetune.py:VARIANT`):
   (none)     MAE's ViT-B/16 recipe (FINETUNE.md L66-77): batch 1024, blr 5e-4, layer decay
              0.65, 100 epochs, drop path 0.1; ImageNet-1k.
   vit_l      ViT-L/16 (FINETUNE.md L85-93): blr 1e-3, layer decay 0.75, 50 epochs, drop path 0.2.
-  local      the digits export of configs/mae_vit.py:local, a minute or two on 2 CPU cores.
+  local      the digits export of configs/mae_vit.py:local, 2-3 minutes on 2 CPU cores.
 
   python -m ssl_jax.main --config=configs/mae_vit.py:local --workdir=/tmp/mae
   python -m ssl_jax.main --config=configs/finetune.py:local --workdir=/tmp/ft \
@@ -100,7 +100,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _local(config: ml_collections.ConfigDict) -> None:
-  """CPU scale: the digits export of mae_vit.py:local (16 px, 1 channel), about a minute."""
+  """CPU scale: the digits export of mae_vit.py:local (16 px, 1 channel), 2-3 minutes."""
   config.data.update(dict(
       source='digits:train', batch_size=128, image_size=16, channels=1,
       crop_scale=(0.35, 1.0), hflip=False,  # As mae_vit.py:local: mirrored digits are other glyphs.

@@ -13,6 +13,7 @@ from ssl_jax import config_blocks, optim
 from ssl_jax.methods import finetune
 from ssl_jax.models.vit import ViT
 from tests import runner
+from tests.test_resume import checkpoint_steps, wait_for_step
 
 DEPTH = 3
 
@@ -153,7 +154,8 @@ def test_mixup_cutmix_and_smoothing_match_timm_in_numpy():
 
 # ------------------------------------------------------------- end to end ---
 FINETUNE = 'configs/finetune.py:local'
-TINY_FT = ('--config.data.batch_size=32', '--config.train.log_every=1')
+TINY_FT = ('--config.data.batch_size=32', '--config.train.log_every=1',
+           '--config.train.checkpoint_every=1000')
 
 
 @pytest.fixture(scope='module')
@@ -172,24 +174,29 @@ def finetune_top1(workdir) -> float:
 
 
 @pytest.mark.slow
-def test_finetune_of_an_export_learns_and_beats_random_init(tiny_export, tmp_path):
-  steps = ('--config.train.steps=150',)
+def test_finetune_of_an_export_learns(tiny_export, tmp_path):
+  """The CLI fine-tunes the export (top-1 far above chance); encoder_from alone starts fresh."""
+  steps = ('--config.train.steps=600', '--config.optim.lr=4e-3')
   tuned = runner.run_main(tmp_path / 'tuned', *TINY_FT, *steps,
                           f'--config.train.init_from={tiny_export}', config=FINETUNE)
   assert tuned.returncode == 0, tuned.stdout + tuned.stderr
   assert 'Initialised the weights from the exported encoder' in tuned.stdout
-  scratch = runner.run_main(tmp_path / 'scratch', *TINY_FT, *steps,
+  losses = [r['loss'] for r in runner.read_metrics(tmp_path / 'tuned') if 'loss' in r]
+  assert np.mean(losses[-50:]) < np.mean(losses[:50]) - 0.3
+  assert finetune_top1(tmp_path / 'tuned') > 0.6  # Chance is 0.1; measured 0.81.
+  scratch = runner.run_main(tmp_path / 'scratch', *TINY_FT, '--config.train.steps=2',
+                            '--config.optim.warmup_steps=0',
                             f'--config.model.encoder_from={tiny_export}', config=FINETUNE)
   assert scratch.returncode == 0, scratch.stdout + scratch.stderr
-  losses = [r['loss'] for r in runner.read_metrics(tmp_path / 'tuned') if 'loss' in r]
-  assert np.mean(losses[-20:]) < np.mean(losses[:20])
-  assert finetune_top1(tmp_path / 'tuned') > 0.5  # Chance is 0.1.
-  assert finetune_top1(tmp_path / 'tuned') >= finetune_top1(tmp_path / 'scratch') - 0.02
+  assert 'Initialised the weights' not in scratch.stdout
+  missing = runner.run_main(tmp_path / 'missing', config=FINETUNE)
+  assert missing.returncode != 0 and 'set config.train.init_from' in missing.stderr
 
 
 @pytest.mark.slow
 def test_finetune_resumes_exactly_after_a_kill(tiny_export, tmp_path):
-  args = (*TINY_FT, '--config.train.steps=24', '--config.train.checkpoint_every=8',
+  """Killed between checkpoints and rerun: the same state and losses as an uninterrupted run."""
+  args = (*TINY_FT, '--config.train.steps=200', '--config.train.checkpoint_every=50',
           f'--config.train.init_from={tiny_export}', '--config.eval.online_probe.enabled=False')
   straight, interrupted = tmp_path / 'straight', tmp_path / 'interrupted'
   done = runner.run_main(straight, *args, config=FINETUNE)
@@ -197,15 +204,14 @@ def test_finetune_resumes_exactly_after_a_kill(tiny_export, tmp_path):
   process = subprocess.Popen(runner.main_command(interrupted, *args, config=FINETUNE),
                              cwd=runner.REPO, env=runner.child_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
-  from tests.test_resume import checkpoint_steps, wait_for_step
-  killed_after = wait_for_step(process, interrupted, 11)
+  killed_after = wait_for_step(process, interrupted, 120)
   process.kill()
   process.wait()
   assert max(checkpoint_steps(interrupted)) < killed_after
   finished = runner.run_main(interrupted, *args, config=FINETUNE)
   assert finished.returncode == 0, finished.stdout + finished.stderr
   assert 'Resumed from' in finished.stdout
-  want, got = runner.restore_state(straight, 24), runner.restore_state(interrupted, 24)
+  want, got = runner.restore_state(straight, 200), runner.restore_state(interrupted, 200)
   assert want.keys() == got.keys()
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)

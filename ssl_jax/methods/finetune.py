@@ -153,12 +153,13 @@ class FineTune(Method):
   def build_encoder(self, rngs: nnx.Rngs) -> ViT:
     """The export's ViT (MAE's or DINO's layout) with this run's drop path and dtype."""
     m, source = self.config.model, self.source
-    dino = {'posemb': 'learned', 'image_size': source.augment.global_size, 'init': 'dino'}
+    dino = (dict(posemb='learned', image_size=source.augment.global_size, init='dino')
+            if source.method == 'dino' else {})
     return ViT(patch_size=source.model.patch_size, channels=source.data.channels,
                width=source.model.width, depth=source.model.depth,
                num_heads=source.model.num_heads, mlp_dim=source.model.mlp_dim,
                dtype=jnp.dtype(m.dtype), remat=m.remat, drop_path_rate=m.drop_path_rate,
-               rngs=rngs, **(dino if source.method == 'dino' else {}))
+               rngs=rngs, **dino)
 
   def build(self, rngs: nnx.Rngs) -> FineTuneModel:
     """Encoder + (fc_norm) + head with `model.num_classes` outputs."""
