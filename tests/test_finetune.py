@@ -97,6 +97,28 @@ def test_layer_decay_scales_the_whole_adamw_update():
                           optax.constant_schedule(0.1))
 
 
+@pytest.mark.parametrize('global_pool', [True, False])
+def test_head_reads_the_pooled_patches_through_fc_norm_or_the_normed_cls(global_pool):
+  """models_vit.py L46-51: global pool skips the encoder's last norm; [CLS] goes through it."""
+  with nnx.use_eager_sharding(False):
+    vit = ViT(patch_size=4, channels=1, width=8, depth=1, num_heads=2, mlp_dim=16,
+              rngs=nnx.Rngs(0))
+    model = finetune.FineTuneModel(vit, 5, global_pool=global_pool, head_init_std=2e-5,
+                                   rngs=nnx.Rngs(1))
+  kernel = np.asarray(model.head.kernel[...])
+  assert 1e-5 < kernel.std() < 3e-5 and not np.asarray(model.head.bias[...]).any()
+  model.head.kernel[...] = jax.random.normal(jax.random.key(2), kernel.shape)
+  images = jax.random.normal(jax.random.key(3), (2, 8, 8, 1))
+  tokens = vit(images, final_norm=False)['tokens']
+  if global_pool:
+    want = model.head(model.fc_norm(tokens[:, 1:].mean(axis=1)))
+  else:
+    want = model.head(vit.encoder.norm(tokens)[:, 0])
+  np.testing.assert_allclose(model(images), want, rtol=1e-5, atol=1e-6)
+  vit.encoder.norm.scale[...] = 2.0 * vit.encoder.norm.scale[...]  # Moves only the [CLS] path.
+  assert np.allclose(model(images), want, atol=1e-6) == global_pool
+
+
 def numpy_timm_mixup(images, labels, lam, use_cutmix, box, num_classes, smoothing):
   """timm Mixup._mix_batch + mixup_target, in NumPy (NHWC), with a given lam and box."""
   x = images.copy()
