@@ -9,10 +9,12 @@ import optax
 import pytest
 from flax import nnx
 
-from ssl_jax import config_blocks, optim
+from configs import finetune as finetune_config
+from configs import mae_vit
+from ssl_jax import config_blocks, optim, train
 from ssl_jax.methods import finetune
 from ssl_jax.models.vit import ViT
-from tests import runner
+from tests import runner, test_sharded_step
 from tests.test_resume import checkpoint_steps, wait_for_step
 
 DEPTH = 3
@@ -172,6 +174,39 @@ def test_mixup_cutmix_and_smoothing_match_timm_in_numpy():
   smoothed = 0.9 * nll + 0.1 * (-log_probs.mean(-1)).mean()
   np.testing.assert_allclose(finetune.soft_target_cross_entropy(jnp.asarray(logits), targets),
                              smoothed, rtol=1e-5)
+
+
+# -------------------------------------------------------------- 8 devices ---
+def shape_only_export(directory):
+  """An export's config.json (a depth-2 MAE ViT) and an empty encoder/: enough to build."""
+  config = mae_vit.get_config('local')
+  config.model.update(dict(width=32, depth=2, num_heads=4, mlp_dim=64))
+  (directory / 'encoder').mkdir(parents=True)
+  (directory / 'config.json').write_text(config.to_json_best_effort())
+  return directory
+
+
+def test_eight_devices_match_one_with_mixing_drop_path_and_layer_decay(tmp_path):
+  """The batch flip of mixup / cutmix crosses shards; drop path masks must not depend on them."""
+  def config_for(mesh_shape):
+    config = finetune_config.get_config('local')
+    config.model.update(dict(encoder_from=str(shape_only_export_dir), drop_path_rate=0.5))
+    config.data.batch_size = test_sharded_step.BATCH
+    config.optim.update(dict(schedule='constant', lr=test_sharded_step.LR))
+    config.mesh.update(mesh_shape)
+    return train.resolve_config(config, num_train_examples=1437)
+
+  shape_only_export_dir = shape_only_export(tmp_path / 'export')
+  losses_1, variables_1, _ = test_sharded_step.run_steps(
+      config_for(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+  losses_8, variables_8, _ = test_sharded_step.run_steps(
+      config_for(dict(data=2, fsdp=2, tensor=2)), jax.devices())
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5, atol=1e-6)
+  assert losses_1[1] != losses_1[0]
+  flat_1 = jax.tree_util.tree_flatten_with_path(variables_1)[0]
+  for (path, v1), v8 in zip(flat_1, jax.tree.leaves(variables_8), strict=True):
+    atol = 2 * test_sharded_step.LR if test_sharded_step.zero_gradient(path) else 1e-5
+    np.testing.assert_allclose(v8, v1, rtol=1e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
 # ------------------------------------------------------------- end to end ---
