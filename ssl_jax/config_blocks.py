@@ -111,6 +111,7 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
       weight_decay_steps=placeholder(int),
       freeze_module='last_layer',
       freeze_steps=0,
+      layer_decay=placeholder(float),    # None: off; MAE fine-tuning 0.65 (ViT-B), 0.75 (ViT-L).
   ), overrides, 'config.optim')
 
 

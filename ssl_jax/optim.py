@@ -13,6 +13,10 @@ constant `weight_decay`; else a cosine from `weight_decay` to it over
 'per_parameter' as DINO's utils.clip_gradients), and `freeze_steps` (0 = off)
 with `freeze_module` (adamw only): parameters under a module of that name get
 no update at all, not even weight decay, for the first `freeze_steps` steps.
+
+For fine-tuning: `layer_decay` (None = off), the layer-wise lr decay of
+BEiT / MAE (`layer_decay_scales`), which also exempts the [CLS] token and the
+position embedding from weight decay, as MAE's param_groups_lrd does.
 """
 
 import jax
@@ -76,6 +80,76 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
+# MAE's fine-tuning `no_weight_decay_list` (timm VisionTransformer.no_weight_decay).
+NO_DECAY_TOKENS = ('cls_token', 'pos_embed')
+
+
+def _names(path) -> list:
+  return [getattr(key, 'key', getattr(key, 'idx', None)) for key in path]
+
+
+def finetune_decay_mask(params):
+  """`decay_mask`, also exempting the [CLS] token and position embedding (MAE fine-tuning).
+
+  mae util/lr_decay.py L32: no decay for 1-D parameters and the model's
+  `no_weight_decay()` names, which timm's ViT gives as {pos_embed, cls_token}.
+  """
+  decayed = decay_mask(params)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, keep: keep and not set(_names(path)) & set(NO_DECAY_TOKENS), decayed)
+
+
+EMBEDDINGS = ('patch_embed', *NO_DECAY_TOKENS)
+
+
+def vit_layer_id(path, num_layers: int) -> int:
+  """MAE's get_layer_id_for_vit (util/lr_decay.py L64-76) on a parameter's tree path.
+
+  0 for the patch embedding, [CLS] token and position embedding; i + 1 for
+  anything under block i (`.../blocks/i/...`); `num_layers` (= blocks + 1) for
+  the rest: the final norms and the head. Works on a ViT's tree or on a
+  model holding one (`encoder/patch_embed/...`).
+  """
+  names = _names(path)
+  if 'blocks' in names:
+    return int(names[names.index('blocks') + 1]) + 1
+  if set(names) & set(EMBEDDINGS):
+    return 0
+  return num_layers
+
+
+def layer_decay_scales(params, layer_decay: float):
+  """Per-parameter lr scale layer_decay ** (num_layers - layer_id) (mae util/lr_decay.py L25).
+
+  num_layers = blocks + 1 (L23), so block i gets decay ** (depth - i), the
+  embeddings decay ** (depth + 1) and the head 1. The depth is the number of
+  distinct block indices in the tree (it holds one ViT).
+  """
+  blocks = set()
+  for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = _names(path)
+    if 'blocks' in names:
+      blocks.add(names[names.index('blocks') + 1])
+  num_layers = len(blocks) + 1
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: layer_decay ** (num_layers - vit_layer_id(path, num_layers)), params)
+
+
+def scale_by_layer_decay(layer_decay: float) -> optax.GradientTransformation:
+  """Multiplies each update by its `layer_decay_scales` entry (after the optimizer).
+
+  MAE's util/lr_sched.py sets each group's lr to lr * lr_scale, and torch's
+  AdamW decays weights by that group lr, so the whole update (decay included)
+  scales: exactly this transformation chained after AdamW. Stateless, so a
+  resumed run's optimizer state has the same structure.
+  """
+  def update(updates, state, params=None):
+    del params
+    scales = layer_decay_scales(updates, layer_decay)
+    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def weight_decay_schedule(optim: ml_collections.ConfigDict) -> float | optax.Schedule:
   """`weight_decay`, or DINO's cosine from it to `weight_decay_end` (utils.cosine_scheduler).
 
@@ -113,6 +187,13 @@ def frozen_labels(params, module: str):
 
 def _named_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule,
                      weight_decay: float | optax.Schedule) -> optax.GradientTransformation:
+  if optim.get('layer_decay') is not None:
+    if optim.name != 'adamw':
+      raise ConfigError(f'config.optim.layer_decay is implemented for adamw, not {optim.name!r}')
+    return optax.chain(
+        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                    weight_decay=weight_decay, mask=finetune_decay_mask),
+        scale_by_layer_decay(optim.layer_decay))
   if optim.name == 'adamw':
     return optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                        weight_decay=weight_decay, mask=decay_mask)

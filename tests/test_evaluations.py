@@ -16,7 +16,8 @@ from tests import runner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {'mae_vit': ('', 'local'), 'simclr_resnet': ('', 'local', 'cifar10'),
-           'dino_vit': ('', 'local'), 'bert_mlm': ('', 'local'), 'gpt': ('', 'local', 'char')}
+           'dino_vit': ('', 'local'), 'bert_mlm': ('', 'local'), 'gpt': ('', 'local', 'char'),
+           'finetune': ('', 'vit_l', 'local')}
 
 
 def load_config(name: str, variant: str = ''):
@@ -28,7 +29,7 @@ def load_config(name: str, variant: str = ''):
 def test_declared_capabilities_are_the_hooks_a_method_defines(name):
   cls = methods.method_class(load_config({'mae': 'mae_vit', 'simclr': 'simclr_resnet',
                                           'dino': 'dino_vit', 'bert': 'bert_mlm',
-                                          'gpt': 'gpt'}[name]))
+                                          'gpt': 'gpt', 'finetune': 'finetune'}[name]))
   defined = {capability for capability, hooks in CAPABILITIES.items()
              if all(getattr(cls, hook) is not getattr(Method, hook) for hook in hooks)}
   assert set(cls.capabilities) == defined

@@ -1,4 +1,6 @@
-"""Pretraining methods: one file each, all offering `base.Method`; the registry and exports.
+"""Methods, one file each, all offering `base.Method`; the registry and exports.
+
+The pretraining methods, and `finetune`, a classifier trained on an export.
 
 `create(config)` builds the method a config names; `method_class(config)`
 gives its class (what it declares: data, capabilities) before anything is
@@ -25,6 +27,7 @@ METHODS = {
     'dino': ('ssl_jax.methods.dino', 'DINO'),
     'bert': ('ssl_jax.methods.bert', 'BERT'),
     'gpt': ('ssl_jax.methods.gpt', 'GPT'),
+    'finetune': ('ssl_jax.methods.finetune', 'FineTune'),
 }
 
 

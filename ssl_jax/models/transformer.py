@@ -325,20 +325,21 @@ class Transformer(nnx.Module):
     self.norm = layer_norm(width, dtype=dtype, rngs=rngs)
     self.remat = remat
 
-  def __call__(self, x: jax.Array,
-               drop_path_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, drop_path_key: jax.Array | None = None,
+               final_norm: bool = True) -> tuple[jax.Array, jax.Array]:
     """(B, T, D) -> (normed output (B, T, D), last block's attention weights).
 
     `drop_path_key` (train mode) gives block i the key fold_in(key, i); None
     (eval, features, the teacher) runs every block whole. Only the last
     block computes its weights; the others take the fused attention path.
+    `final_norm=False` skips the last LayerNorm (MAE fine-tuning's global pool).
     """
     weights = None
     for i, block in enumerate(self.blocks):
       key = None if drop_path_key is None else jax.random.fold_in(drop_path_key, i)
       x, weights = apply_block(block, x, key, remat=self.remat,
                                need_weights=i == len(self.blocks) - 1)
-    return self.norm(x), weights
+    return (self.norm(x) if final_norm else x), weights
 
 
 def count_params(model_or_state: Any) -> int:

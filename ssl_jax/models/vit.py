@@ -181,8 +181,8 @@ class ViT(nnx.Module):
       pos = posemb_sincos_2d(grid_h, grid_w, width)
     return x.reshape(batch, grid_h * grid_w, width) + jnp.asarray(pos, x.dtype)
 
-  def encode(self, tokens: jax.Array,
-             drop_path_key: jax.Array | None = None) -> dict[str, jax.Array]:
+  def encode(self, tokens: jax.Array, drop_path_key: jax.Array | None = None,
+             final_norm: bool = True) -> dict[str, jax.Array]:
     """Prepend [CLS] (plus its learned position, if any; sin-cos: none) and run the blocks.
 
     Returns a dict of intermediates (big_vision style) so probes and
@@ -190,18 +190,19 @@ class ViT(nnx.Module):
     `cls` (B, D), `patch_mean` (B, D) the mean of the patch tokens, and
     `attention` (B, heads, 1+L, 1+L) of the last block. Paths are dropped
     only with a `drop_path_key` (training the student); without it the
-    output is deterministic.
+    output is deterministic. `final_norm=False` leaves out the encoder's last
+    LayerNorm (MAE models_vit.py L46-48: the global pool of fine-tuning).
     """
     cls = self.cls_token[...]
     if self.posemb == 'learned':
       cls = cls + self.pos_embed[:, :1]
     cls = jnp.broadcast_to(cls.astype(tokens.dtype), (tokens.shape[0], 1, tokens.shape[-1]))
     x = jnp.concatenate([cls, tokens], axis=1)
-    x, attention = self.encoder(x, drop_path_key)
+    x, attention = self.encoder(x, drop_path_key, final_norm)
     return {'tokens': x, 'cls': x[:, 0], 'patch_mean': x[:, 1:].mean(axis=1),
             'attention': attention}
 
-  def __call__(self, images: jax.Array,
-               drop_path_key: jax.Array | None = None) -> dict[str, jax.Array]:
+  def __call__(self, images: jax.Array, drop_path_key: jax.Array | None = None,
+               final_norm: bool = True) -> dict[str, jax.Array]:
     """(B, H, W, C) float images -> intermediates of `encode`."""
-    return self.encode(self.patch_tokens(images), drop_path_key)
+    return self.encode(self.patch_tokens(images), drop_path_key, final_norm)
