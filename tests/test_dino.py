@@ -2,6 +2,7 @@
 
 import functools
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -231,6 +232,8 @@ def check_local_run(workdir, result, steps: int, *, min_knn: float) -> dict:
 @pytest.mark.slow
 def test_local_config_learns(tmp_path):
   """The :local job exactly as a user runs it."""
+  start = time.time()
   result = runner.run_main(tmp_path, config='configs/dino_vit.py:local', fast_compile=False)
   scores = check_local_run(tmp_path, result, 500, min_knn=0.65)
   assert scores['linear_top1'] > 0.8, scores
+  print(f'\nDINO :local wall time {time.time() - start:.0f} s; {scores}')
