@@ -238,6 +238,7 @@ def test_finetune_of_an_export_learns(tiny_export, tmp_path):
                           f'--config.train.init_from={tiny_export}', config=FINETUNE)
   assert tuned.returncode == 0, tuned.stdout + tuned.stderr
   assert 'Initialised the weights from the exported encoder' in tuned.stdout
+  assert 'fine-tuned classifier top-1 on digits:test' in tuned.stdout
   losses = [r['loss'] for r in runner.read_metrics(tmp_path / 'tuned') if 'loss' in r]
   assert np.mean(losses[-50:]) < np.mean(losses[:50]) - 0.3
   assert finetune_top1(tmp_path / 'tuned') > 0.6  # Chance is 0.1; measured 0.81.

@@ -104,5 +104,5 @@ class OnlineProbe(Evaluation):
   def summary(self, results: dict[str, float]) -> list[str]:
     if 'probe_top1' not in results:
       return []
-    return [f'online probe top-1 (trained alongside) on {self.context.config.eval.test_source}: '
+    return [f'{self.context.method.classifier_title} on {self.context.config.eval.test_source}: '
             f'{results["probe_top1"]:.4f}']

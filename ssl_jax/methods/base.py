@@ -49,6 +49,8 @@ class Method(abc.ABC):
   throughput_unit = 'images'
   # TensorBoard tag of the pictures `render` draws.
   picture_name = 'pictures'
+  # What `classify` is, in the online_probe evaluation's end-of-run line.
+  classifier_title = 'online probe top-1 (trained alongside)'
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config

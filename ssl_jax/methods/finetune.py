@@ -137,6 +137,7 @@ class FineTune(Method):
   """Supervised fine-tuning of an exported ViT (MAE main_finetune.py)."""
 
   capabilities = frozenset({'features', 'online_probe'})
+  classifier_title = 'fine-tuned classifier top-1'
 
   def __init__(self, config: ml_collections.ConfigDict):
     super().__init__(config)
