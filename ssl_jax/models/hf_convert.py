@@ -33,6 +33,7 @@ from flax import nnx
 
 from ssl_jax.models.lm import TransformerLM
 
+QKV_NAMES = ('query', 'key', 'value')  # BERT's and ViT-MAE's separate attention Linears.
 Params = dict[str, Any]
 StateDict = dict[str, np.ndarray]
 
@@ -51,6 +52,30 @@ def _require_biases(params: Params, layout: str) -> None:
     raise ValueError(f'this model has no biases (config.model.use_bias=False, nanoGPT\'s '
                      f'bias=False) but {layout} has one in every Linear and LayerNorm: convert '
                      'a model built with use_bias=True.')
+
+
+def split_qkv(attn: Params, prefix: str) -> StateDict:
+  """Our fused qkv (D, 3, heads, head_dim) -> separate `{prefix}{query,key,value}` nn.Linears.
+
+  BERT (`attention.self.`) and ViT-MAE (`attention.attention.`) keep query,
+  key and value as three (out, in) nn.Linear weights with their biases.
+  """
+  kernel, bias = np.asarray(attn['qkv']['kernel']), np.asarray(attn['qkv']['bias'])
+  width = kernel.shape[0]
+  sd = {}
+  for k, name in enumerate(QKV_NAMES):
+    sd[f'{prefix}{name}.weight'] = kernel[:, k].reshape(width, -1).T
+    sd[f'{prefix}{name}.bias'] = bias[k].reshape(-1)
+  return sd
+
+
+def fuse_qkv(sd: Mapping[str, Any], prefix: str,
+             qkv_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """`{prefix}{query,key,value}` nn.Linears -> our fused (kernel, bias) of `qkv_shape`."""
+  kernel = np.stack([sd[f'{prefix}{n}.weight'].T.reshape(qkv_shape[0], *qkv_shape[2:])
+                     for n in QKV_NAMES], axis=1)
+  bias = np.stack([sd[f'{prefix}{n}.bias'].reshape(qkv_shape[2:]) for n in QKV_NAMES])
+  return kernel, bias
 
 
 def gpt2_to_hf(params: Params) -> StateDict:
@@ -86,11 +111,8 @@ def bert_to_hf(params: Params) -> StateDict:
       params['embed_norm'])
   for i, block in params['blocks'].items():
     prefix = f'bert.encoder.layer.{i}.'
-    qkv_kernel, qkv_bias = block['attn']['qkv']['kernel'], block['attn']['qkv']['bias']
-    width = qkv_kernel.shape[0]
-    for k, name in enumerate(('query', 'key', 'value')):
-      sd[prefix + f'attention.self.{name}.weight'] = np.reshape(qkv_kernel[:, k], (width, -1)).T
-      sd[prefix + f'attention.self.{name}.bias'] = np.reshape(qkv_bias[k], (-1,))
+    width = block['attn']['qkv']['kernel'].shape[0]
+    sd.update(split_qkv(block['attn'], prefix + 'attention.self.'))
     sd[prefix + 'attention.output.dense.weight'] = np.reshape(
         block['attn']['proj']['kernel'], (-1, width)).T
     sd[prefix + 'attention.output.dense.bias'] = block['attn']['proj']['bias']
@@ -195,10 +217,7 @@ def bert_from_hf(state_dict: Mapping[str, Any], model: TransformerLM) -> Params:
   for i, block in like['blocks'].items():
     p = f'bert.encoder.layer.{i}.'
     qkv_shape = block['attn']['qkv']['kernel'].shape  # (D, 3, heads, head_dim)
-    kernel = np.stack([sd[p + f'attention.self.{n}.weight'].T.reshape(
-        qkv_shape[0], *qkv_shape[2:]) for n in ('query', 'key', 'value')], axis=1)
-    bias = np.stack([sd[p + f'attention.self.{n}.bias'].reshape(qkv_shape[2:])
-                     for n in ('query', 'key', 'value')])
+    kernel, bias = fuse_qkv(sd, p + 'attention.self.', qkv_shape)
     params['blocks'][i] = {
         'attn': {'qkv': {'kernel': kernel, 'bias': bias},
                  'proj': {'kernel': sd[p + 'attention.output.dense.weight'].T.reshape(

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ssl_jax.models.hf_convert import Params, StateDict, check_and_take
+from ssl_jax.models.hf_convert import Params, StateDict, check_and_take, fuse_qkv, split_qkv
 from ssl_jax.models.vit import posemb_sincos_2d
 
 # How far a checkpoint's frozen sin-cos buffer may be from ours (float32 rounding).
@@ -79,15 +79,12 @@ def _linear_to_hf(linear: Params) -> tuple[np.ndarray, np.ndarray]:
 
 def block_to_hf(block: Params, prefix: str) -> StateDict:
   """Our pre-LN `Block` -> the tensors of one `ViTMAELayer` under `prefix`."""
-  qkv_kernel, qkv_bias = _a(block['attn']['qkv']['kernel']), _a(block['attn']['qkv']['bias'])
-  width = qkv_kernel.shape[0]
+  width = block['attn']['qkv']['kernel'].shape[0]
   sd = {prefix + 'layernorm_before.weight': _a(block['norm1']['scale']),
         prefix + 'layernorm_before.bias': _a(block['norm1']['bias']),
         prefix + 'layernorm_after.weight': _a(block['norm2']['scale']),
         prefix + 'layernorm_after.bias': _a(block['norm2']['bias'])}
-  for k, name in enumerate(('query', 'key', 'value')):
-    sd[prefix + f'attention.attention.{name}.weight'] = qkv_kernel[:, k].reshape(width, -1).T
-    sd[prefix + f'attention.attention.{name}.bias'] = qkv_bias[k].reshape(-1)
+  sd.update(split_qkv(block['attn'], prefix + 'attention.attention.'))
   sd[prefix + 'attention.output.dense.weight'] = _a(block['attn']['proj']['kernel']).reshape(
       -1, width).T
   sd[prefix + 'attention.output.dense.bias'] = _a(block['attn']['proj']['bias'])
@@ -101,11 +98,7 @@ def block_to_hf(block: Params, prefix: str) -> StateDict:
 def block_from_hf(sd: StateDict, prefix: str, like: Params) -> Params:
   """The tensors of one `ViTMAELayer` under `prefix` -> our `Block`, shaped like `like`."""
   qkv_shape = like['attn']['qkv']['kernel'].shape  # (D, 3, heads, head_dim)
-  names = ('query', 'key', 'value')
-  kernel = np.stack([sd[prefix + f'attention.attention.{n}.weight'].T.reshape(
-      qkv_shape[0], *qkv_shape[2:]) for n in names], axis=1)
-  bias = np.stack([sd[prefix + f'attention.attention.{n}.bias'].reshape(qkv_shape[2:])
-                   for n in names])
+  kernel, bias = fuse_qkv(sd, prefix + 'attention.attention.', qkv_shape)
   return {
       'norm1': {'scale': sd[prefix + 'layernorm_before.weight'],
                 'bias': sd[prefix + 'layernorm_before.bias']},
