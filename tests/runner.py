@@ -90,3 +90,17 @@ def knn_top1(config, method, encoder, mesh) -> float:
   test = extract_features(method, encoder, data(config.eval.test_source), mesh)
   return knn.knn_accuracy(*train, *test, k=config.eval.knn.k,
                           temperature=config.eval.knn.temperature)
+
+
+def logged_losses(workdir) -> list[tuple[int, float]]:
+  """(step, loss) of every training line of WORKDIR/metrics.jsonl."""
+  return [(r['step'], r['loss']) for r in read_metrics(workdir) if 'loss' in r]
+
+
+def assert_same_run(straight, interrupted, step: int) -> None:
+  """An interrupted-and-resumed run equals an uninterrupted one: state at `step` and every loss."""
+  want, got = restore_state(straight, step), restore_state(interrupted, step)
+  assert want.keys() == got.keys()
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert logged_losses(interrupted) == logged_losses(straight)

@@ -269,11 +269,4 @@ def test_finetune_resumes_exactly_after_a_kill(tiny_export, tmp_path):
   finished = runner.run_main(interrupted, *args, config=FINETUNE)
   assert finished.returncode == 0, finished.stdout + finished.stderr
   assert 'Resumed from' in finished.stdout
-  want, got = runner.restore_state(straight, 200), runner.restore_state(interrupted, 200)
-  assert want.keys() == got.keys()
-  for key in want:
-    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-
-  def losses(workdir):
-    return [(r['step'], r['loss']) for r in runner.read_metrics(workdir) if 'loss' in r]
-  assert losses(interrupted) == losses(straight)
+  runner.assert_same_run(straight, interrupted, 200)

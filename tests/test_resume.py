@@ -6,7 +6,6 @@ import subprocess
 import time
 
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from ssl_jax import checkpoint
@@ -67,15 +66,9 @@ def test_kill_and_sigterm_then_resume_equals_uninterrupted(tmp_path):
   assert f'Resumed from {interrupted / "checkpoints" / str(stop_step)}' in finished.stdout
 
   # Same parameters, optimizer state and data position as the uninterrupted run...
-  want, got = runner.restore_state(straight, 40), runner.restore_state(interrupted, 40)
-  assert want.keys() == got.keys()
-  for key in want:
-    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
   # ... and the same loss at every step, each step logged once.
-  def losses(workdir):
-    return [(r['step'], r['loss']) for r in runner.read_metrics(workdir) if 'loss' in r]
-  assert losses(interrupted) == losses(straight)
-  assert [s for s, _ in losses(straight)] == list(range(1, 41))
+  runner.assert_same_run(straight, interrupted, 40)
+  assert [s for s, _ in runner.logged_losses(straight)] == list(range(1, 41))
 
 
 def test_rerun_of_finished_run_skips_training_and_corrupt_checkpoint_is_reported(tmp_path):
