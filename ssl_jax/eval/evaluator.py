@@ -43,10 +43,14 @@ class Evaluator:
     every = evaluation.block.every
     return self.context.config.train.eval_every if every is None else every
 
+  def _due(self, evaluation, step: int) -> bool:
+    every = self.every(evaluation)
+    return bool(every) and step % every == 0
+
   def due(self, step: int) -> bool:
     """Whether any evaluation runs after `step` (before the last step)."""
     return step < self.context.config.train.steps and any(
-        self.every(e) and step % self.every(e) == 0 for e in self.evaluations)
+        self._due(e, step) for e in self.evaluations)
 
   def __call__(self, state: dict[str, Any], batch: Any, rng: jax.Array, *,
                final: bool = False) -> dict[str, float]:
@@ -55,8 +59,7 @@ class Evaluator:
     round_ = Round(state=state, batch=batch, rng=rng, step=step, encoder=self.encoder(state))
     results = {}
     for evaluation in self.evaluations:
-      every = self.every(evaluation)
-      if final or (every and step % every == 0):
+      if final or self._due(evaluation, step):
         results.update(evaluation.run(round_))
     return results
 
