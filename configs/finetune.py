@@ -1,10 +1,16 @@
-r"""Fine-tuning an exported ViT as a classifier (MAE's main_finetune.py and FINETUNE.md).
+r"""Fine-tuning an exported encoder as a classifier (ViT: MAE's main_finetune.py; ResNet: SimCLR's).
 
 Variants (`--config=configs/finetune.py:VARIANT`):
-  (none)     MAE's ViT-B/16 recipe (FINETUNE.md L66-77): batch 1024, blr 5e-4, layer decay
-             0.65, 100 epochs, drop path 0.1; ImageNet-1k.
-  vit_l      ViT-L/16 (FINETUNE.md L85-93): blr 1e-3, layer decay 0.75, 50 epochs, drop path 0.2.
-  local      the digits export of configs/mae_vit.py:local, 2-3 minutes on 2 CPU cores.
+  (none)        MAE's ViT-B/16 recipe (FINETUNE.md L66-77): batch 1024, blr 5e-4, layer decay
+                0.65, 100 epochs, drop path 0.1; ImageNet-1k. For MAE and DINO exports.
+  vit_l         ViT-L/16 (FINETUNE.md L85-93): blr 1e-3, layer decay 0.75, 50 epochs, drop
+                path 0.2.
+  resnet        SimCLR's whole-network fine-tuning of a ResNet export (google-research/simclr
+                README.md L157-166): LARS, lr 0.005 x sqrt(batch), no weight decay, batch
+                1024, 60 epochs, zero-init head, crop + flip only.
+  local         the digits export of configs/mae_vit.py:local (or dino_vit.py:local), 2-3
+                minutes on 2 CPU cores.
+  resnet_local  the digits export of configs/simclr_resnet.py:local.
 
   python -m ssl_jax.main --config=configs/mae_vit.py:local --workdir=/tmp/mae
   python -m ssl_jax.main --config=configs/finetune.py:local --workdir=/tmp/ft \
@@ -92,22 +98,57 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.optim.update(dict(lr=1e-3, layer_decay=0.75))  # FINETUNE.md L91.
     config.model.drop_path_rate = 0.2                     # FINETUNE.md L92.
     config.train.epochs = 50.0                            # FINETUNE.md L90.
-  elif variant == 'local':
-    _local(config)
-  elif variant:
-    raise ValueError(f'Unknown variant {variant!r} of finetune.py: use vit_l or local.')
+  elif variant in ('resnet', 'resnet_local'):
+    _resnet(config)
+  if variant in ('local', 'resnet_local'):
+    _local(config, resnet=variant == 'resnet_local')
+  elif variant not in VARIANTS:
+    raise ValueError(f'Unknown variant {variant!r} of finetune.py: use one of '
+                     f'{", ".join(v for v in VARIANTS if v)}.')
   return config
 
 
-def _local(config: ml_collections.ConfigDict) -> None:
-  """CPU scale: the digits export of mae_vit.py:local (16 px, 1 channel), 2-3 minutes."""
+VARIANTS = (None, '', 'vit_l', 'resnet', 'local', 'resnet_local')
+
+
+def _resnet(config: ml_collections.ConfigDict) -> None:
+  """SimCLR's fine-tuning of the whole ResNet (simclr README.md L157-166, tf2/run.py)."""
   config.data.update(dict(
-      source='digits:train', batch_size=128, image_size=16, channels=1,
+      batch_size=1024,             # README.md L162: --train_batch_size=1024.
+      crop_scale=(0.08, 1.0),      # tf2/data_util.py L315-316: preprocess_for_train's crop.
+      hflip=True,                  # data_util.py L469.
+      interpolation='bicubic',     # data_util.py L320.
+      eval_crop_fraction=0.875))   # data_util.py L22: CROP_PROPORTION.
+  config.model.update(dict(
+      head_init_std=0.0,           # README.md L158: --zero_init_logits_layer=True.
+      global_pool=True,            # The ResNet's average pool (run.py: fine_tune_after_block -1).
+      drop_path_rate=0.0))         # No stochastic depth in a ResNet.
+  # tf2/data.py L108: color_jitter_strength is 0 when fine-tuning, so crop +
+  # flip only; the reference has no mixup, cutmix or label smoothing.
+  config.augment.update(dict(mixup=0.0, cutmix=0.0, smoothing=0.0))
+  config.optim = optim_config(
+      name='lars', lr=0.005,       # README.md L160-161: --optimizer=lars --learning_rate=0.005
+      lr_scaling='sqrt',           #   --learning_rate_scaling=sqrt (model.py L94-95).
+      weight_decay=0.0,            # README.md L161: --weight_decay=0.
+      momentum=0.9,                # tf2/run.py L168.
+      trust_coefficient=0.001,     # tf2/lars_optimizer.py L40: eeta=EETA_DEFAULT (0.001).
+      warmup_epochs=0.0,           # README.md L162; model.py L105: then a cosine to 0.
+      schedule='warmup_cosine')
+  config.train.epochs = 60.0       # README.md L162: --train_epochs=60.
+
+
+def _local(config: ml_collections.ConfigDict, resnet: bool) -> None:
+  """CPU scale: the digits exports of the :local configs (1 channel; ViT 16 px, ResNet 8 px)."""
+  config.data.update(dict(
+      source='digits:train', batch_size=128, image_size=8 if resnet else 16, channels=1,
       crop_scale=(0.35, 1.0), hflip=False,  # As mae_vit.py:local: mirrored digits are other glyphs.
       interpolation='bilinear', eval_crop_fraction=1.0, mean=(0.5,), std=(0.5,),
       num_workers=0))
   config.model.update(dict(num_classes=10, dtype='float32'))
-  config.optim.update(dict(lr=1e-3, lr_scaling='none', warmup_epochs=None, warmup_steps=30))
+  if resnet:
+    config.optim.update(dict(lr=0.05, warmup_epochs=None, warmup_steps=0))
+  else:
+    config.optim.update(dict(lr=1e-3, lr_scaling='none', warmup_epochs=None, warmup_steps=30))
   config.train.update(dict(steps=300, epochs=None, log_every=50, checkpoint_every=100,
                            eval_every=0))
   config.eval.update(dict(train_source='digits:train', test_source='digits:test',

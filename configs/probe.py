@@ -6,6 +6,11 @@ Variants (`--config=configs/probe.py:VARIANT`; the default is `mae`):
   simclr  kNN + SimCLR's linear eval (google-research/simclr README.md lines 116-121, run.py).
   dino    kNN + DINO's linear probe (dino eval_linear.py).
   lm      GPT / BERT exports: next-token or masked-token loss on the held-out text.
+  finetune[_RECIPE]
+          kNN + fine-tuning: a training run on the trainer (configs/finetune.py:RECIPE, held
+          whole in `config.finetune`, so `--config.finetune.optim.lr=...` overrides it) in
+          DIR/finetune, resumed by rerunning the command. RECIPE: none (MAE's ViT-B), vit_l,
+          resnet (SimCLR's), local or resnet_local (the digits exports of the :local configs).
 
   python -m ssl_jax.probe --workdir=/tmp/mae [--config=configs/probe.py:dino] \
       [--config.eval.test_source=digits:test --config.eval.linear_probe.epochs=50 ...]
@@ -19,8 +24,20 @@ scaled by the batch actually used. GPT and BERT exports always get the
 language-model probe; `knn` and `linear_probe` apply to image encoders.
 """
 
+import importlib.util
+import pathlib
+
 import ml_collections
 from ml_collections.config_dict import placeholder
+
+
+def finetune_config(recipe: str | None) -> ml_collections.ConfigDict:
+  """configs/finetune.py's config for `recipe`, loaded from beside this file."""
+  path = pathlib.Path(__file__).with_name('finetune.py')
+  spec = importlib.util.spec_from_file_location('_ssl_jax_finetune_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(recipe)
 
 
 def _linear(**protocol) -> dict:
@@ -94,10 +111,15 @@ PROTOCOLS = {
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   """The probe config; `variant` is the text after ':' in --config."""
   variant = variant or 'mae'
-  if variant not in (*PROTOCOLS, 'knn', 'lm'):
-    raise ValueError(f'Unknown variant {variant!r} of probe.py: use knn, mae, simclr, dino or lm.')
+  protocol, _, recipe = variant.partition('_')
+  if variant not in (*PROTOCOLS, 'knn', 'lm') and protocol != 'finetune':
+    raise ValueError(f'Unknown variant {variant!r} of probe.py: use knn, mae, simclr, dino, lm, '
+                     'finetune or finetune_RECIPE (a configs/finetune.py variant).')
   config = ml_collections.ConfigDict()
-  config.protocol = variant
+  config.protocol = protocol if protocol == 'finetune' else variant
+  if protocol == 'finetune':
+    config.finetune_recipe = recipe
+    config.finetune = finetune_config(recipe or None)
   # Overrides of the export's config.data (None: the run's own).
   config.data = ml_collections.ConfigDict(dict(
       source=placeholder(str),       # Images: derives eval sources; text: the text to score.

@@ -2,7 +2,8 @@
 
 Keys: `name` (adamw | lars | sgd), `lr` (the base learning rate), `lr_scaling`
 ('linear': peak lr = lr * global batch / 256, the convention of the MAE,
-SimCLR and DINO papers; 'none': peak lr = lr), `schedule`
+SimCLR and DINO papers; 'sqrt': lr * sqrt(global batch), SimCLR's option for
+small batches and fine-tuning; 'none': peak lr = lr), `schedule`
 (warmup_cosine | warmup_linear | constant), `warmup_steps` / `warmup_epochs`,
 `min_lr`, `weight_decay`, `b1`, `b2`, `eps`, `momentum`, `trust_coefficient`
 (LARS), `grad_clip_norm` (0 = off).
@@ -19,6 +20,8 @@ BEiT / MAE (`layer_decay_scales`), which also exempts the [CLS] token and the
 position embedding from weight decay, as MAE's param_groups_lrd does.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -33,9 +36,12 @@ def peak_learning_rate(optim: ml_collections.ConfigDict, batch_size: int) -> flo
   """The learning rate reached after warmup, after batch-size scaling."""
   if optim.lr_scaling == 'linear':
     return optim.lr * batch_size / LR_REFERENCE_BATCH
+  if optim.lr_scaling == 'sqrt':  # simclr tf2/model.py L94-95: lr * sqrt(batch).
+    return optim.lr * math.sqrt(batch_size)
   if optim.lr_scaling == 'none':
     return optim.lr
-  raise ConfigError(f"config.optim.lr_scaling={optim.lr_scaling!r}: expected 'linear' or 'none'")
+  raise ConfigError(f"config.optim.lr_scaling={optim.lr_scaling!r}: expected 'linear', 'sqrt' "
+                    "or 'none'")
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, peak_lr: float,

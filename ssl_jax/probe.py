@@ -132,8 +132,6 @@ def image_probe(encoder, method, config, probe_config, mesh) -> dict:
   """kNN and linear-probe results of an image encoder."""
   from ssl_jax.eval import knn, linear_probe
   knn_block, linear_block = probe_config.eval.knn, probe_config.eval.linear_probe
-  if not (knn_block.enabled or linear_block.enabled):
-    raise UserError('both eval.knn and eval.linear_probe are disabled: nothing to do')
   splits = split_features(encoder, method, config, probe_config, mesh)
   (train, train_labels), (test, test_labels) = splits['train'], splits['test']
   results = {'train_source': config.eval.train_source, 'test_source': config.eval.test_source,
@@ -154,6 +152,54 @@ def image_probe(encoder, method, config, probe_config, mesh) -> dict:
     progress(f'linear top-1: {results["linear_top1"]:.4f} (batch {results["linear_batch_size"]}, '
              f'{results["linear_steps"]} steps)')
   return results
+
+
+# ------------------------------------------------------------------------------
+# Fine-tuning: a run of configs/finetune.py on the trainer, from the export.
+# ------------------------------------------------------------------------------
+def finetune_run_config(config, probe_config, export_dir: pathlib.Path, random_init: bool):
+  """The probe's `finetune` config, pointed at the export and the labelled splits.
+
+  The images are cut as the encoder was trained (size, channels, mean and
+  std from the export's config); the run trains on eval.train_source and
+  scores its classifier on eval.test_source.
+  """
+  from ssl_jax.methods.finetune import ENCODERS
+  recipe = probe_config.finetune_recipe
+  kind = ENCODERS.get(config.method)
+  if kind is None:
+    raise UserError(f'fine-tuning takes {sorted(ENCODERS)} exports, not a {config.method!r} one')
+  if (kind == 'resnet') != recipe.startswith('resnet'):
+    want = 'finetune_resnet[_local]' if kind == 'resnet' else 'finetune[_vit_l|_local]'
+    raise UserError(f'the {config.method} export is a {kind}, and the fine-tuning recipe '
+                    f'{recipe or "(ViT-B)"!r} is for a {"resnet" if kind == "vit" else "ViT"}: '
+                    f'use --config=configs/probe.py:{want}')
+  ft = probe_config.finetune.copy_and_resolve_references()
+  with ft.unlocked():
+    ft.data.source = config.eval.train_source
+    for key in ('image_size', 'channels', 'mean', 'std'):
+      ft.data[key] = config.data[key]
+    ft.eval.train_source, ft.eval.test_source = config.eval.train_source, config.eval.test_source
+    if random_init:  # The export's shape from random weights: the baseline.
+      ft.model.encoder_from, ft.train.init_from = str(export_dir), None
+    else:
+      ft.train.init_from = str(export_dir)
+  return ft
+
+
+def finetune_probe(ft_config, run_dir: pathlib.Path) -> dict:
+  """Trains (or resumes) the fine-tuning run in `run_dir`; its classifier's top-1."""
+  from ssl_jax import train
+  progress(f'fine-tuning (configs/finetune.py recipe, {ft_config.optim.name}) in {run_dir}; '
+           'rerun the command to resume it')
+  start = time.perf_counter()
+  results = train.train_and_evaluate(ft_config, str(run_dir))
+  if 'probe_top1' not in results:
+    raise UserError(f'the fine-tuning run in {run_dir} stopped before its end (a signal?); '
+                    'rerun the command to resume it')
+  progress(f'fine-tuned top-1: {results["probe_top1"]:.4f}')
+  return {'finetune_top1': results['probe_top1'], 'finetune_workdir': str(run_dir),
+          'finetune_seconds': time.perf_counter() - start}
 
 
 # ------------------------------------------------------------------------------
@@ -230,7 +276,17 @@ def probe(export_dir: pathlib.Path, probe_config, *, workdir: pathlib.Path | Non
   if 'held_out' in method.capabilities:
     results = language_probe(encoder, method, config, export_dir, workdir, mesh)
   elif 'features' in method.capabilities:
-    results = image_probe(encoder, method, config, probe_config, mesh)
+    ft_config = None
+    if probe_config.protocol == 'finetune':  # Refuse a wrong recipe before any work.
+      ft_config = finetune_run_config(config, probe_config, export_dir, random_init)
+    results = {}
+    if probe_config.eval.knn.enabled or probe_config.eval.linear_probe.enabled:
+      results = image_probe(encoder, method, config, probe_config, mesh)
+    elif ft_config is None:
+      raise UserError('both eval.knn and eval.linear_probe are disabled: nothing to do')
+    if ft_config is not None:
+      run_dir = (workdir or export_dir) / ('finetune_random_init' if random_init else 'finetune')
+      results.update(finetune_probe(ft_config, run_dir))
   else:
     raise UserError(f'a {config.method!r} export offers neither image features nor a '
                     'held-out text loss: nothing to probe')

@@ -209,6 +209,39 @@ def test_eight_devices_match_one_with_mixing_drop_path_and_layer_decay(tmp_path)
     np.testing.assert_allclose(v8, v1, rtol=1e-4, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
+def test_resnet_export_gets_a_zero_head_on_its_pooled_features(tmp_path):
+  """SimCLR's fine-tuning: the ResNet's pooled features -> a zero-init head (README L158).
+
+  BatchNorm uses batch statistics (and moves its running averages) in the
+  loss, the running averages in `classify`, which equals the head on the
+  method's `features`.
+  """
+  from configs import simclr_resnet
+  source = simclr_resnet.get_config('local')
+  source.model.width_multiplier = 0.125
+  (tmp_path / 'export' / 'encoder').mkdir(parents=True)
+  (tmp_path / 'export' / 'config.json').write_text(source.to_json_best_effort())
+  config = finetune_config.get_config('resnet_local')
+  config.model.encoder_from = str(tmp_path / 'export')
+  method = finetune.FineTune(train.resolve_config(config, num_train_examples=1437))
+  with nnx.use_eager_sharding(False):
+    model = method.build(nnx.Rngs(0))
+  assert model.resnet and not model.global_pool and model.head.kernel[...].shape == (64, 10)
+  assert not np.any(model.head.kernel[...])
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 255, (6, 8, 8, 1)), jnp.uint8)
+  labels = jnp.arange(6) % 10
+  before = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+  loss, metrics = method.loss_fn(model, {'image': images, 'label': labels}, jax.random.key(0),
+                                 jnp.asarray(0))
+  np.testing.assert_allclose(loss, np.log(10), rtol=1e-6)  # Zero logits, no mixing.
+  assert float(metrics['mix_lam']) == 1.0
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, nnx.state(model, nnx.BatchStat))
+  assert any(jax.tree.leaves(moved))
+  model.head.kernel[...] = jax.random.normal(jax.random.key(1), (64, 10))
+  np.testing.assert_allclose(method.classify(model, images),
+                             model.head(method.features(model.encoder, images)), atol=1e-5)
+
+
 # ------------------------------------------------------------- end to end ---
 FINETUNE = 'configs/finetune.py:local'
 TINY_FT = ('--config.data.batch_size=32', '--config.train.log_every=1',

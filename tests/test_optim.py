@@ -74,6 +74,8 @@ def test_warmup_cosine_schedule():
 def test_peak_lr_scaling_and_errors():
   assert optim.peak_learning_rate(config(lr=0.3, lr_scaling='linear'), 4096) == pytest.approx(4.8)
   assert optim.peak_learning_rate(config(lr=0.3, lr_scaling='none'), 4096) == 0.3
+  # simclr tf2/model.py L95: base_learning_rate * math.sqrt(train_batch_size).
+  assert optim.peak_learning_rate(config(lr=0.005, lr_scaling='sqrt'), 1024) == pytest.approx(0.16)
   with pytest.raises(ValueError, match='lr_scaling'):
     optim.peak_learning_rate(config(lr_scaling='cubic'), 256)
   with pytest.raises(ValueError, match='optim.name'):

@@ -125,6 +125,28 @@ def test_variants_hold_the_reference_values():
     probe_config('nope')
 
 
+def test_finetune_variants_hold_the_finetune_configs():
+  """configs/probe.py:finetune_RECIPE holds configs/finetune.py:RECIPE whole, and kNN alone."""
+  spec = importlib.util.spec_from_file_location('finetune', REPO / 'configs' / 'finetune.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for variant, recipe in (('finetune', None), ('finetune_vit_l', 'vit_l'),
+                          ('finetune_resnet', 'resnet'), ('finetune_local', 'local'),
+                          ('finetune_resnet_local', 'resnet_local')):
+    config = probe_config(variant)
+    assert config.protocol == 'finetune' and config.finetune_recipe == (recipe or '')
+    assert config.finetune.to_dict() == module.get_config(recipe).to_dict(), variant
+    assert config.eval.knn.enabled and not config.eval.linear_probe.enabled
+  # simclr README.md L157-166: LARS, lr 0.005 with sqrt scaling, no decay, 60 epochs, zero head.
+  resnet = probe_config('finetune_resnet').finetune
+  assert (resnet.optim.name, resnet.optim.lr, resnet.optim.lr_scaling, resnet.optim.weight_decay,
+          resnet.train.epochs, resnet.data.batch_size, resnet.model.head_init_std,
+          resnet.augment.mixup, resnet.augment.cutmix) == (
+              'lars', 0.005, 'sqrt', 0.0, 60.0, 1024, 0.0, 0.0, 0.0)
+  with pytest.raises(ValueError, match='Unknown variant'):
+    probe_config('finetune_nope')
+
+
 def _tiny_mae_encoder():
   config = _tiny_mae_config()
   method = methods.create(config)
@@ -179,6 +201,38 @@ def test_unlabelled_source_is_refused(tmp_path):
                      f'--config.eval.train_source=npz:{tmp_path / "plain.npz"}',
                      f'--config.eval.test_source=npz:{tmp_path / "plain.npz"}')
   assert result.returncode != 0 and 'has no labels' in result.stderr, result.stderr[-2000:]
+
+
+_FINETUNE_TINY = ('--config=configs/probe.py:finetune_local', '--config.finetune.train.steps=4',
+                  '--config.finetune.train.log_every=2', '--config.finetune.optim.warmup_steps=1',
+                  '--config.finetune.train.checkpoint_every=2')
+
+
+@pytest.mark.slow
+def test_finetune_protocol_trains_and_resumes_on_the_trainer(tmp_path):
+  """A fine-tuning run in WORKDIR/finetune from the export; the rerun resumes, not retrains."""
+  encoder, _, config = _tiny_mae_encoder()
+  checkpoint.export_encoder(tmp_path / 'export', encoder, config)
+  first = last_json(run_probe(f'--workdir={tmp_path}', *_FINETUNE_TINY))
+  assert first['protocol'] == 'finetune' and 0.0 <= first['finetune_top1'] <= 1.0
+  assert 'knn_top1' in first and first['finetune_workdir'] == str(tmp_path / 'finetune')
+  run = tmp_path / 'finetune'
+  assert checkpoint.latest_saved_step(run) == 4 and (run / 'export' / 'encoder').is_dir()
+  saved = json.loads((run / 'config.json').read_text())
+  assert saved['train']['init_from'] == str(tmp_path / 'export')
+  assert saved['data']['source'] == 'digits:train' and saved['data']['channels'] == 1
+  again = run_probe(f'--workdir={tmp_path}', *_FINETUNE_TINY)
+  assert 'Resumed from' in again.stdout, again.stdout[-2000:]
+  assert last_json(again)['finetune_top1'] == first['finetune_top1']
+
+
+def test_finetune_recipe_must_fit_the_encoder(tmp_path):
+  """A ViT export with the ResNet recipe is refused before any work, naming the right one."""
+  encoder, _, config = _tiny_mae_encoder()
+  checkpoint.export_encoder(tmp_path / 'export', encoder, config)
+  result = run_probe(f'--workdir={tmp_path}', '--config=configs/probe.py:finetune_resnet_local')
+  assert result.returncode != 0 and 'configs/probe.py:finetune[_vit_l|_local]' in result.stderr
+  assert not (tmp_path / 'finetune').exists()
 
 
 # ------------------------------------------------------------------------------

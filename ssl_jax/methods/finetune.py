@@ -1,12 +1,19 @@
-"""Fine-tuning an exported ViT encoder as a classifier (MAE's main_finetune.py), on the trainer.
+"""Fine-tuning an exported encoder as a classifier, on the trainer.
 
-The model is the exported encoder, rebuilt from the export's config.json
-(its method's ViT: MAE's or DINO's), plus a linear head on the global
-average of the patch tokens and a fresh `fc_norm` LayerNorm, or on the
-normed [CLS] token (mae models_vit.py L34-53). The weights come in through
+ViT exports (MAE's, DINO's) follow MAE's main_finetune.py; ResNet exports
+(SimCLR's) follow SimCLR's whole-network fine-tuning (google-research/simclr
+README.md L157-166: `--fine_tune_after_block=-1 --zero_init_logits_layer=True`).
+
+The model is the exported encoder, rebuilt from the export's config.json,
+plus a linear head. On a ViT the head reads the global average of the patch
+tokens through a fresh `fc_norm` LayerNorm, or the normed [CLS] token (mae
+models_vit.py L34-53); on a ResNet it reads the pooled features, with
+BatchNorm in training mode during the steps (SimCLR fine-tunes with
+`--global_bn=True`: statistics of the global batch, as ours under jit). The weights come in through
 the trainer's `train.init_from=EXPORT`, which fills the part `encoder`
 returns; the head starts from trunc_normal(std=2e-5) (main_finetune.py
-L257). Each step mixes the batch on device with the step's key (mixup 0.8 /
+L257), or from zeros with `model.head_init_std=0` (SimCLR's
+`zero_init_logits_layer`). Each step mixes the batch on device with the step's key (mixup 0.8 /
 cutmix 1.0, timm's Mixup in 'batch' mode, main_finetune.py L218-225) and
 minimises the cross-entropy against the mixed, label-smoothed targets
 (SoftTargetCrossEntropy, L290-292), with stochastic depth in the encoder
@@ -28,6 +35,7 @@ from ssl_jax.data.normalize import normalize
 from ssl_jax.errors import ConfigError
 from ssl_jax.methods.base import Batch, Method, Metrics
 from ssl_jax.models.initializers import partitioned, torch_trunc_normal
+from ssl_jax.models.resnet import ResNet
 from ssl_jax.models.transformer import layer_norm
 from ssl_jax.models.vit import ViT
 
@@ -105,21 +113,31 @@ def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Arra
 # The model and the method.
 # ------------------------------------------------------------------------------
 class FineTuneModel(nnx.Module):
-  """The exported ViT, plus `fc_norm` (global pool only) and the linear `head`."""
+  """The exported encoder, plus `fc_norm` (ViT with global pool only) and the linear `head`."""
 
-  def __init__(self, encoder: ViT, num_classes: int, *, global_pool: bool, head_init_std: float,
-               rngs: nnx.Rngs):
+  def __init__(self, encoder: ViT | ResNet, num_classes: int, *, global_pool: bool,
+               head_init_std: float, rngs: nnx.Rngs):
     self.encoder = encoder
-    self.global_pool = global_pool
-    if global_pool:  # models_vit.py L27-32: a new norm after the pool; the last norm is unused.
-      self.fc_norm = layer_norm(encoder.width, dtype=jnp.float32, rngs=rngs)
-    self.head = nnx.Linear(
-        encoder.width, num_classes, rngs=rngs,
-        kernel_init=partitioned(torch_trunc_normal(head_init_std), 'embed', None),
-        bias_init=partitioned(nnx.initializers.zeros, None))
+    self.resnet = isinstance(encoder, ResNet)
+    self.global_pool = global_pool and not self.resnet  # A ResNet always average-pools.
+    width = encoder.num_features if self.resnet else encoder.width
+    if self.global_pool:  # models_vit.py L27-32: a new norm after the pool; the last is unused.
+      self.fc_norm = layer_norm(width, dtype=jnp.float32, rngs=rngs)
+    kernel_init = torch_trunc_normal(head_init_std) if head_init_std else nnx.initializers.zeros
+    self.head = nnx.Linear(width, num_classes, rngs=rngs,
+                           kernel_init=partitioned(kernel_init, 'embed', None),
+                           bias_init=partitioned(nnx.initializers.zeros, None))
 
-  def __call__(self, images: jax.Array, drop_path_key: jax.Array | None = None) -> jax.Array:
-    """Normalised (B, H, W, C) images -> (B, classes) float32 logits."""
+  def __call__(self, images: jax.Array, drop_path_key: jax.Array | None = None, *,
+               train: bool = False) -> jax.Array:
+    """Normalised (B, H, W, C) images -> (B, classes) float32 logits.
+
+    `train` puts a ResNet's BatchNorm on batch statistics (and updates its
+    running averages); a ViT's stochastic depth is on when `drop_path_key`
+    is given.
+    """
+    if self.resnet:
+      return self.head(self.encoder(images, train=train)['pooled'].astype(jnp.float32))
     out = self.encoder(images, drop_path_key, final_norm=not self.global_pool)
     if self.global_pool:  # models_vit.py L47-48.
       pooled = self.fc_norm(out['tokens'][:, 1:].mean(axis=1).astype(jnp.float32))
@@ -128,13 +146,17 @@ class FineTuneModel(nnx.Module):
     return self.head(pooled)
 
 
+# The exported encoder of each method the fine-tuning takes.
+ENCODERS = {'mae': 'vit', 'dino': 'vit', 'simclr': 'resnet'}
+
+
 @functools.cache
 def _export_config(path: str) -> ml_collections.ConfigDict:
   return checkpoint.load_config(epath.Path(path) / 'config.json')
 
 
 class FineTune(Method):
-  """Supervised fine-tuning of an exported ViT (MAE main_finetune.py)."""
+  """Supervised fine-tuning of an exported ViT (MAE main_finetune.py) or ResNet (SimCLR's)."""
 
   capabilities = frozenset({'features', 'online_probe'})
   classifier_title = 'fine-tuned classifier top-1'
@@ -148,12 +170,17 @@ class FineTune(Method):
           f'(or config.model.encoder_from, for a random-init baseline) to an export '
           f'directory holding encoder/ and config.json; got {source!r}')
     self.source = _export_config(str(source))
-    if self.source.method not in ('mae', 'dino'):
-      raise ConfigError(f'finetune fine-tunes ViT exports (mae, dino), not {self.source.method!r}')
+    if self.source.method not in ENCODERS:
+      raise ConfigError(f'finetune fine-tunes the encoders of {sorted(ENCODERS)} exports, not '
+                        f'{self.source.method!r}')
 
-  def build_encoder(self, rngs: nnx.Rngs) -> ViT:
-    """The export's ViT (MAE's or DINO's layout) with this run's drop path and dtype."""
+  def build_encoder(self, rngs: nnx.Rngs) -> ViT | ResNet:
+    """The export's encoder with this run's dtype (and, on a ViT, drop path)."""
     m, source = self.config.model, self.source
+    if ENCODERS[source.method] == 'resnet':
+      return ResNet(depth=source.model.depth, stem=source.model.stem,
+                    width_multiplier=source.model.width_multiplier,
+                    channels=source.data.channels, dtype=jnp.dtype(m.dtype), rngs=rngs)
     dino = (dict(posemb='learned', image_size=source.augment.global_size, init='dino')
             if source.method == 'dino' else {})
     return ViT(patch_size=source.model.patch_size, channels=source.data.channels,
@@ -183,19 +210,21 @@ class FineTune(Method):
                            switch_prob=a.mixup_switch_prob)
     images, targets = mix_batch(images, batch['label'], params, self.config.model.num_classes,
                                 a.smoothing)
-    logits = model(images, drop_path_key)
+    logits = model(images, drop_path_key, train=True)
     loss = soft_target_cross_entropy(logits, targets)
     # Top-1 against the larger of the two mixed labels: a rough train accuracy.
     dominant = jnp.where(params['lam'] >= 0.5, batch['label'], batch['label'][::-1])
     return loss, {'train_top1': (logits.argmax(-1) == dominant).mean(),
                   'mix_lam': params['lam']}
 
-  def encoder(self, model: FineTuneModel) -> ViT:
-    """The ViT (what `train.init_from` fills and the run exports), without the head."""
+  def encoder(self, model: FineTuneModel) -> ViT | ResNet:
+    """The encoder (what `train.init_from` fills and the run exports), without the head."""
     return model.encoder
 
-  def features(self, encoder: ViT, images: jax.Array) -> jax.Array:
-    """uint8 images -> the ViT's `config.eval.pool` output ('cls' or 'patch_mean')."""
+  def features(self, encoder: ViT | ResNet, images: jax.Array) -> jax.Array:
+    """uint8 images -> a ViT's `config.eval.pool` output, or a ResNet's pooled features."""
+    if isinstance(encoder, ResNet):
+      return encoder(self._normalize(images), train=False)['pooled'].astype(jnp.float32)
     return encoder(self._normalize(images))[self.config.eval.pool].astype(jnp.float32)
 
   def classify(self, model: FineTuneModel, images: jax.Array) -> jax.Array:
