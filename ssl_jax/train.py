@@ -246,9 +246,10 @@ def restore_or_init(job: Job, tx: optax.GradientTransformation, shardings: Any) 
     return state
   abstract = jax.eval_shape(lambda: init_train_state(job.method, tx, shardings, config.seed))
   target = checkpoint.abstract_with_shardings(abstract, shardings)
-  state = checkpointer.restore(latest, target, job.data_iter)
-  job.writer.truncate(latest)  # Later lines are work the resumed run redoes.
-  log_line(f'Resumed from {checkpointer.directory / str(latest)} at step {latest}.')
+  # A damaged newest checkpoint is set aside and the one before it restored.
+  state, step = checkpointer.restore_newest(target, job.data_iter, log_line)
+  job.writer.truncate(step)  # Later lines are work the resumed run redoes.
+  log_line(f'Resumed from {checkpointer.directory / str(step)} at step {step}.')
   return state
 
 
