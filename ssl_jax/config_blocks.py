@@ -46,6 +46,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       init_from=placeholder(str),        # A workdir or export/ whose weights start a fresh run.
       max_nonfinite_steps=10,            # Consecutive skipped (NaN/Inf) steps before the run stops.
+      grad_accum_steps=1,                # Micro-batches per step (one update), same result.
   ), overrides, 'config.train')
 
 

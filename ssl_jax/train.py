@@ -39,7 +39,7 @@ from ssl_jax.eval import registry
 from ssl_jax.eval.evaluator import Evaluator
 from ssl_jax.methods.base import Method
 from ssl_jax.metrics import MetricWriter, Progress, log_line
-from ssl_jax.train_step import NonFiniteGuard, make_train_step, window_scalars
+from ssl_jax.train_step import NonFiniteGuard, check_grad_accum, make_train_step, window_scalars
 
 TrainState = dict[str, Any]
 
@@ -193,6 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   method_class = methods.method_class(config)
   registry.check(config, method_class)  # An impossible evaluation fails before any work.
   mesh = sharding.make_mesh(config.mesh)
+  check_grad_accum(config, method_class, mesh)  # Also before any data is read.
   rules = sharding.logical_rules(config.mesh)
   # The data decides the epoch length (and a tokenizer's vocabulary), which the
   # resolved config, and so the method built once from it, depends on.
@@ -213,7 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     job = Job(config=config, method=method, mesh=mesh, workdir=workdir,
               checkpointer=checkpointer, data_iter=iter(train_data.dataset),
-              train_step=make_train_step(method, graphdef, tx, schedule, shardings, mesh),
+              train_step=make_train_step(method, graphdef, tx, schedule, shardings, mesh,
+                                         grad_accum_steps=config.train.grad_accum_steps),
               evaluator=Evaluator(config, method, graphdef, mesh, writer, workdir),
               writer=writer,
               rng=jax.random.fold_in(jax.random.key(config.seed), 1))  # Init used Rngs(seed).

@@ -16,18 +16,28 @@ wrapper only looks at the updates, keeps its own counters in `opt_state`
 teachers and centers (`model_state`) to be poisoned, and after its limit it
 applies the non-finite update instead of stopping
 (optax/_src/transform.py, `apply_if_finite`).
+
+With `train.grad_accum_steps` k > 1 the step cuts its batch into k
+micro-batches and sums their gradients in a `lax.scan` before one update
+(`accumulated`): the same loss and parameters as the whole batch, for the
+methods whose loss is a mean over examples or tokens (MAE, GPT, BERT,
+fine-tuning). SimCLR and DINO couple the examples of a batch (NT-Xent
+negatives, BatchNorm, DINO's center): `check_grad_accum` refuses them.
 """
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 from ssl_jax import sharding
-from ssl_jax.errors import DivergedError
+from ssl_jax.errors import ConfigError, DivergedError
 from ssl_jax.methods.base import Method
 from ssl_jax.metrics import log_line
 
@@ -42,10 +52,14 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(method: Method, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, shardings: Any, mesh: jax.sharding.Mesh):
+                    schedule: optax.Schedule, shardings: Any, mesh: jax.sharding.Mesh,
+                    *, grad_accum_steps: int = 1):
   """Returns jit(step)(state, batch, rng) -> (state, metrics), donating `state`.
 
-  `metrics['nonfinite_steps']` is 1 when the step was skipped (see the module docstring).
+  With `grad_accum_steps` k > 1 the batch is cut into k micro-batches whose
+  gradients are summed in a `lax.scan` before one optimizer update (see
+  `accumulated`). `metrics['nonfinite_steps']` is 1 when the step was
+  skipped (see the module docstring).
   """
   def loss_and_grads(params, model_state, batch, rng, step):
     def loss_of(params):
@@ -56,6 +70,10 @@ def make_train_step(method: Method, graphdef: nnx.GraphDef, tx: optax.GradientTr
 
     (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
     return loss, metrics, model_state, grads
+
+  if grad_accum_steps > 1:
+    loss_and_grads = functools.partial(accumulated, loss_and_grads, method, mesh,
+                                       shardings['params'], grad_accum_steps)
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     step = state['step']
@@ -81,6 +99,76 @@ def make_train_step(method: Method, graphdef: nnx.GraphDef, tx: optax.GradientTr
 
   return jax.jit(train_step, donate_argnums=0,
                  out_shardings=(shardings, sharding.replicated(mesh)))
+
+
+# ------------------------------------------------------------------------------
+# Gradient accumulation: k micro-batches, one update.
+# ------------------------------------------------------------------------------
+def check_grad_accum(config: ml_collections.ConfigDict, method_class: type[Method],
+                     mesh: jax.sharding.Mesh) -> None:
+  """ConfigError unless `train.grad_accum_steps` fits the method, the batch and the mesh."""
+  k, batch_size = config.train.grad_accum_steps, config.data.batch_size
+  if not isinstance(k, int) or k < 1:
+    raise ConfigError(f'config.train.grad_accum_steps={k!r}: expected an integer >= 1.')
+  if k == 1:
+    return
+  if method_class.batch_coupling:
+    raise ConfigError(
+        f'config.train.grad_accum_steps={k}: {config.method} cannot accumulate gradients '
+        f'exactly: {method_class.batch_coupling}. Use grad_accum_steps=1 (more devices, '
+        'or --config.mesh.fsdp to save memory, or a smaller data.batch_size).')
+  shards = int(np.prod([mesh.shape[axis] for axis in sharding.BATCH_AXES]))
+  if batch_size % (k * shards):
+    raise ConfigError(
+        f'config.data.batch_size={batch_size} must be divisible by train.grad_accum_steps '
+        f'({k}) x the batch-sharding devices (mesh data x fsdp = {shards}), so that every '
+        'micro-batch splits evenly over them.')
+
+
+def accumulated(loss_and_grads: Callable, method: Method, mesh: jax.sharding.Mesh,
+                param_shardings: Any, k: int, params: Any, model_state: Any, batch: dict,
+                rng: jax.Array, step: jax.Array):
+  """`loss_and_grads` of the whole batch, computed over k micro-batches in a `lax.scan`.
+
+  Micro-batch i holds rows i, i + k, i + 2k, ...: every device's rows of the
+  batch hold the same share of each micro-batch, so none moves between
+  devices. Each micro-batch draws its own rng (the step's, folded with i)
+  and sees the model state the previous one left (BatchNorm statistics
+  would be updated k times: methods with such batch coupling are refused,
+  `check_grad_accum`). Loss, metrics and gradients are the means weighted
+  by `method.loss_weight`, so they are the whole batch's mean whatever the
+  micro-batches count (BERT's masked tokens, GPT's padding); only the
+  random draws (masks, dropout) differ from one step on the whole batch.
+  """
+  micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      None, sharding.BATCH_AXES))
+
+  def split(x):  # (B, ...) -> (k, B / k, ...)
+    x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+    return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+  def micro_step(carry, inputs):
+    model_state, grad_sum = carry
+    index, micro_batch = inputs
+    loss, metrics, model_state, grads = loss_and_grads(
+        params, model_state, micro_batch, jax.random.fold_in(rng, index), step)
+    weight = method.loss_weight(micro_batch)
+    grad_sum = jax.tree.map(lambda total, g: total + weight * g, grad_sum, grads)
+    # The running sum is sharded as its parameter is (XLA would otherwise pick a layout).
+    grad_sum = jax.lax.with_sharding_constraint(grad_sum, param_shardings)
+    return (model_state, grad_sum), (weight, loss, metrics)
+
+  zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params),
+                                           param_shardings)
+  (model_state, grad_sum), (weights, losses, metrics) = jax.lax.scan(
+      micro_step, (model_state, zeros), (jnp.arange(k), jax.tree.map(split, batch)))
+  total = jnp.where(weights.sum() > 0, weights.sum(), 1.0)  # No target at all: loss 0.
+
+  def mean(values):  # (k, ...) -> weighted mean over the micro-batches
+    return jnp.tensordot(weights, values.astype(jnp.float32), axes=1) / total
+
+  grads = jax.tree.map(lambda g: (g / total).astype(g.dtype), grad_sum)
+  return mean(losses), jax.tree.map(mean, metrics), model_state, grads
 
 
 # ------------------------------------------------------------------------------
