@@ -97,7 +97,8 @@ class Checkpointer:
     one before it restored. Renamed, because Orbax refuses to save any step
     at or below its newest (`CheckpointManager.should_save`), so leaving it in
     place would skip every save until the run passed it, the final one included;
-    and Orbax ignores that name, so it neither restores nor rotates it out.
+    and Orbax ignores that name (its standard step format reads integer names
+    only), so it neither restores nor rotates it out (max_to_keep).
     If no checkpoint restores, the config most likely no longer matches the
     run that saved them (a shape differs): that stays an error (the newest's),
     and nothing is renamed. Call it before training, on every process.
