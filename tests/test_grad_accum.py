@@ -19,7 +19,7 @@ from ssl_jax import losses, methods, sharding, train
 from ssl_jax.errors import ConfigError
 from ssl_jax.methods.mae import MAE
 from ssl_jax.train_step import check_grad_accum, make_train_step
-from tests import test_text_methods
+from tests import runner, test_text_methods
 
 BATCH = 16
 
@@ -133,3 +133,17 @@ def test_accumulation_is_refused_where_it_would_change_the_objective():
   config.train.grad_accum_steps = 0
   with pytest.raises(ConfigError, match='expected an integer >= 1'):
     check_grad_accum(config, methods.method_class(config), mesh)
+
+
+def test_accumulation_from_the_command_line(tmp_path):
+  refused = runner.run_main(tmp_path / 'simclr', '--config.train.grad_accum_steps=2',
+                            config='configs/simclr_resnet.py:local')
+  assert refused.returncode == 1
+  assert 'error: config.train.grad_accum_steps=2: simclr cannot accumulate' in refused.stderr
+  assert not (tmp_path / 'simclr' / 'checkpoints').exists()  # Refused before any work.
+  done = runner.run_main(tmp_path / 'mae', *runner.TINY, '--config.train.steps=6',
+                         '--config.train.grad_accum_steps=4')
+  assert done.returncode == 0, done.stdout + done.stderr
+  logged = [r for r in runner.read_metrics(tmp_path / 'mae') if 'loss' in r]
+  assert [r['step'] for r in logged] == list(range(1, 7))
+  assert all(np.isfinite(r['loss']) and r['nonfinite_steps'] == 0 for r in logged)
