@@ -7,15 +7,18 @@ the same command continues exactly where the last checkpoint left off.
 """
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from ssl_jax.errors import CheckpointError
 
@@ -45,6 +48,13 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _restored_everywhere(restored: bool) -> bool:
+  """Whether every process restored the step: a step one process cannot read is no one's."""
+  if jax.process_count() == 1:
+    return restored
+  return bool(multihost_utils.process_allgather(np.array(restored)).all())
+
+
 class Checkpointer:
   """Saves and restores {train state, data iterator} under `workdir/checkpoints`."""
 
@@ -71,16 +81,62 @@ class Checkpointer:
           state=ocp.args.StandardRestore(abstract_state),
           data=grain.checkpoint.CheckpointRestore(data_iterator)))
     except Exception as e:  # Orbax raises many types; all mean the same to a user.
-      others = [s for s in self._manager.all_steps() if s != step]
       raise CheckpointError(
           f'Cannot restore checkpoint step {step} from {self.directory / str(step)}: '
           f'{type(e).__name__}: {e}\n'
           'Either the checkpoint is damaged, or the config no longer matches the one it '
-          'was saved with (model shape, optimizer, batch size, number of processes). '
-          f'Nothing was deleted. Other checkpoints here: {others or "none"}. To fall back '
-          'to an older one, move this step directory out of the way; to start afresh, '
-          'use a new --workdir.') from e
+          'was saved with (model shape, optimizer, batch size, number of processes).') from e
     return restored.state
+
+  def restore_newest(self, abstract_state: Any, data_iterator: grain.DatasetIterator,
+                     log: Callable[[str], None]) -> tuple[Any, int]:
+    """(state, step) of the newest checkpoint that restores; newer unreadable ones set aside.
+
+    A damaged or half-written newest checkpoint (a file truncated or missing
+    inside `<step>/`) is renamed `<step>.unreadable`, kept, never deleted, and the
+    one before it restored. Renamed, because Orbax refuses to save any step
+    at or below its newest (`CheckpointManager.should_save`), so leaving it in
+    place would skip every save until the run passed it, the final one included;
+    and Orbax ignores that name (its standard step format reads integer names
+    only), so it neither restores nor rotates it out (max_to_keep).
+    If no checkpoint restores, the config most likely no longer matches the
+    run that saved them (a shape differs): that stays an error (the newest's),
+    and nothing is renamed. Call it before training, on every process.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+      try:
+        state, error = self.restore(step, abstract_state, data_iterator), None
+      except CheckpointError as e:
+        state, error = None, e
+      if not _restored_everywhere(error is None):
+        failures.append(error or CheckpointError(
+            f'Cannot restore checkpoint step {step}: another process could not read it.'))
+        continue
+      for failure, bad in zip(failures, steps, strict=False):
+        log(f'{str(failure).splitlines()[0][:400]}\nFalling back to step {step}; step {bad} '
+            f'set aside as {self._set_aside(bad)} (nothing deleted).')
+      return state, step
+    if not failures:
+      raise CheckpointError(f'No checkpoint in {self.directory}.')
+    raise CheckpointError(
+        f'{failures[0]}\nNo older checkpoint restores either (steps {steps[1:] or "none"}), '
+        'so the config most likely changed. Nothing was deleted or moved. To start '
+        'afresh, use a new --workdir.') from failures[0].__cause__
+
+  def _set_aside(self, step: int) -> epath.Path:
+    """Renames `<step>/` to an unused `<step>.unreadable[-n]` (process 0); returns the new path."""
+    target, n = self.directory / f'{step}.unreadable', 1
+    while target.exists():
+      n += 1
+      target = self.directory / f'{step}.unreadable-{n}'
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint set aside {step}')
+    self._manager.reload()
+    return target
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator,
            *, force: bool = False) -> bool:

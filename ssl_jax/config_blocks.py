@@ -45,6 +45,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       eval_every=5000,                   # The evaluations' default cadence (0: only at the end).
       keep_checkpoints=3,
       init_from=placeholder(str),        # A workdir or export/ whose weights start a fresh run.
+      max_nonfinite_steps=10,            # Consecutive skipped (NaN/Inf) steps before the run stops.
+      grad_accum_steps=1,                # Micro-batches per step (one update), same result.
   ), overrides, 'config.train')
 
 

@@ -15,3 +15,7 @@ class CheckpointError(UserError, RuntimeError):
 
 class DataError(UserError, ValueError):
   """A data source or data config the user supplied is missing or malformed."""
+
+
+class DivergedError(UserError, RuntimeError):
+  """Too many consecutive train steps had a non-finite loss or gradient: the run stopped."""

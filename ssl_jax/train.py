@@ -2,7 +2,8 @@
 
 Phases, each a named function below: setup (config, mesh, data, method),
 init (the train state is born sharded), restore (train state and data
-position from the newest checkpoint), the loop (one jitted, donated step),
+position from the newest checkpoint), the loop (one jitted, donated step,
+built in `ssl_jax.train_step`, which also skips non-finite steps),
 evaluations at their cadence (`ssl_jax.eval`) and the end (final
 checkpoint, evaluations, encoder export). Nothing here names a method or a
 metric: everything method-specific is behind `ssl_jax.methods.base.Method`,
@@ -38,6 +39,7 @@ from ssl_jax.eval import registry
 from ssl_jax.eval.evaluator import Evaluator
 from ssl_jax.methods.base import Method
 from ssl_jax.metrics import MetricWriter, Progress, log_line
+from ssl_jax.train_step import NonFiniteGuard, check_grad_accum, make_train_step, window_scalars
 
 TrainState = dict[str, Any]
 
@@ -130,40 +132,6 @@ def init_train_state(method: Method, tx: optax.GradientTransformation, shardings
 
 
 # ------------------------------------------------------------------------------
-# The train step: a pure function of (state, batch, rng), jitted once.
-# ------------------------------------------------------------------------------
-def make_train_step(method: Method, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, shardings: Any, mesh: jax.sharding.Mesh):
-  """Returns jit(step)(state, batch, rng) -> (state, metrics), donating `state`."""
-  def train_step(state: TrainState, batch: dict, rng: jax.Array):
-    step = state['step']
-    rng = jax.random.fold_in(rng, step)
-
-    def loss_of(params):
-      # copy=True: BatchNorm-style updates inside grad must not touch outer-trace variables.
-      model = nnx.merge(graphdef, params, state['model_state'], copy=True)
-      loss, metrics = method.loss_fn(model, batch, rng, step)
-      return loss, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
-
-    (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-        state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    model = nnx.merge(graphdef, params, model_state, copy=True)
-    method.after_step(model, step)
-    _, params, model_state = nnx.split(model, nnx.Param, ...)
-    # A method may report its pretext loss as 'loss' when it optimises more (a probe).
-    metrics = {'loss': loss, **metrics, 'lr': schedule(step),
-               'grad_norm': optax.tree.norm(grads), 'param_norm': optax.tree.norm(params)}
-    new_state = {'step': step + 1, 'params': params, 'model_state': model_state,
-                 'opt_state': opt_state}
-    return new_state, metrics
-
-  return jax.jit(train_step, donate_argnums=0,
-                 out_shardings=(shardings, sharding.replicated(mesh)))
-
-
-# ------------------------------------------------------------------------------
 # Stopping early on SIGTERM (preemption) with a checkpoint.
 # ------------------------------------------------------------------------------
 class StopSignal:
@@ -225,6 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   method_class = methods.method_class(config)
   registry.check(config, method_class)  # An impossible evaluation fails before any work.
   mesh = sharding.make_mesh(config.mesh)
+  check_grad_accum(config, method_class, mesh)  # Also before any data is read.
   rules = sharding.logical_rules(config.mesh)
   # The data decides the epoch length (and a tokenizer's vocabulary), which the
   # resolved config, and so the method built once from it, depends on.
@@ -245,7 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     job = Job(config=config, method=method, mesh=mesh, workdir=workdir,
               checkpointer=checkpointer, data_iter=iter(train_data.dataset),
-              train_step=make_train_step(method, graphdef, tx, schedule, shardings, mesh),
+              train_step=make_train_step(method, graphdef, tx, schedule, shardings, mesh,
+                                         grad_accum_steps=config.train.grad_accum_steps),
               evaluator=Evaluator(config, method, graphdef, mesh, writer, workdir),
               writer=writer,
               rng=jax.random.fold_in(jax.random.key(config.seed), 1))  # Init used Rngs(seed).
@@ -278,9 +248,10 @@ def restore_or_init(job: Job, tx: optax.GradientTransformation, shardings: Any) 
     return state
   abstract = jax.eval_shape(lambda: init_train_state(job.method, tx, shardings, config.seed))
   target = checkpoint.abstract_with_shardings(abstract, shardings)
-  state = checkpointer.restore(latest, target, job.data_iter)
-  job.writer.truncate(latest)  # Later lines are work the resumed run redoes.
-  log_line(f'Resumed from {checkpointer.directory / str(latest)} at step {latest}.')
+  # A damaged newest checkpoint is set aside and the one before it restored.
+  state, step = checkpointer.restore_newest(target, job.data_iter, log_line)
+  job.writer.truncate(step)  # Later lines are work the resumed run redoes.
+  log_line(f'Resumed from {checkpointer.directory / str(step)} at step {step}.')
   return state
 
 
@@ -297,7 +268,11 @@ def initialised_from(job: Job, state: TrainState, source: str) -> TrainState:
 
 
 def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
-  """Steps until `train.steps`; returns (state, last batch, stopped by a signal)."""
+  """Steps until `train.steps`; returns (state, last batch, stopped by a signal).
+
+  Raises DivergedError after `train.max_nonfinite_steps` consecutive skipped
+  (non-finite) steps, before any further checkpoint is saved.
+  """
   config, total = job.config, job.config.train.steps
   step = int(state['step'])
   flops = job.method.train_flops_per_example()
@@ -305,7 +280,7 @@ def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
                       job.method.examples_to_units(config.data.batch_size),
                       flops_per_step=None if flops is None else flops * config.data.batch_size,
                       num_devices=jax.device_count(), device_kind=jax.devices()[0].device_kind)
-  stop = StopSignal()
+  stop, guard = StopSignal(), NonFiniteGuard(config.train.max_nonfinite_steps)
   pending, batch, first_step = [], None, step + 1
   if step < total:
     log_line(f'Compiling the train step (step {step})...')
@@ -315,10 +290,11 @@ def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
       state, metrics = job.train_step(state, batch, job.rng)
       pending.append(metrics)
       step += 1
+      guard.watch(step, metrics)
       if step % config.train.log_every == 0 or step == total or step == first_step:
-        scalars = {k: float(np.mean(v)) for k, v in _stack(jax.device_get(pending)).items()}
+        guard.flush()
+        scalars = window_scalars(pending) | progress.rates(step)
         pending = []
-        scalars.update(progress.rates(step))
         log_line(progress.line(step, scalars))
         for warning in job.method.check_metrics(scalars):
           log_line(f'WARNING at step {step}: {warning}')
@@ -329,19 +305,18 @@ def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
           log_line(f'eval at step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
           job.writer.write_scalars(step, results)
       if step % config.train.checkpoint_every == 0 and step < total:
+        guard.flush()  # A run that has just hit its limit stops without saving.
         job.checkpointer.save(step, state, job.data_iter)
       if stop.agreed(step, every=config.train.log_every):
+        guard.flush()
         job.checkpointer.save(step, state, job.data_iter, force=True)
         log_line(f'Stopped by signal at step {step}; checkpoint saved. '
                  'Rerun the same command to resume.')
         return state, batch, True
+    guard.flush()
   finally:
     stop.restore()
   return state, batch, False
-
-
-def _stack(dicts: list[dict]) -> dict[str, np.ndarray]:
-  return {k: np.stack([d[k] for d in dicts]) for k in dicts[0]}
 
 
 def finish(job: Job, state: TrainState, batch: Any) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """A run killed at any point and rerun ends exactly where an uninterrupted run ends."""
 
 import pathlib
+import shutil
 import signal
 import subprocess
 import time
@@ -71,7 +72,7 @@ def test_kill_and_sigterm_then_resume_equals_uninterrupted(tmp_path):
   assert [s for s, _ in runner.logged_losses(straight)] == list(range(1, 41))
 
 
-def test_rerun_of_finished_run_skips_training_and_corrupt_checkpoint_is_reported(tmp_path):
+def test_rerun_of_finished_run_skips_training_and_corrupt_checkpoints_are_reported(tmp_path):
   first = runner.run_main(tmp_path, *runner.TINY, '--config.train.steps=6',
                           '--config.train.checkpoint_every=2')
   assert first.returncode == 0, first.stdout + first.stderr
@@ -81,9 +82,10 @@ def test_rerun_of_finished_run_skips_training_and_corrupt_checkpoint_is_reported
   assert again.returncode == 0, again.stdout + again.stderr
   assert 'Resumed from' in again.stdout and 'Compiling the train step' not in again.stdout
   assert [r['step'] for r in runner.read_metrics(tmp_path) if 'loss' in r] == [1, 2, 3, 4, 5, 6]
-  # Now corrupt the newest checkpoint's arrays: a clear error, and not a byte changes.
-  state_dir = tmp_path / 'checkpoints' / '6' / 'state'
-  for f in state_dir.rglob('*'):
+  # Now corrupt every checkpoint's arrays (as a changed config would fail them all): a clear
+  # error, and not a byte changes.
+  assert checkpoint_steps(tmp_path) == [2, 4, 6]
+  for f in (tmp_path / 'checkpoints').glob('*/state/**/*'):
     if f.is_file() and f.stat().st_size > 1000:  # Array data files.
       f.write_bytes(b'garbage' * 10)
   before = file_contents(tmp_path)
@@ -91,8 +93,29 @@ def test_rerun_of_finished_run_skips_training_and_corrupt_checkpoint_is_reported
                            '--config.train.checkpoint_every=2')
   assert broken.returncode != 0
   assert 'Cannot restore checkpoint step 6' in broken.stderr, broken.stderr
-  assert 'Nothing was deleted' in broken.stderr and 'Traceback' not in broken.stderr
+  assert 'No older checkpoint restores either (steps [4, 2])' in broken.stderr
+  assert 'Nothing was deleted or moved' in broken.stderr and 'Traceback' not in broken.stderr
   assert file_contents(tmp_path) == before  # Not a byte changed, config.json included.
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+  straight, damaged = tmp_path / 'straight', tmp_path / 'damaged'
+  args = (*runner.TINY, '--config.train.steps=8', '--config.train.checkpoint_every=2')
+  done = runner.run_main(straight, *args)
+  assert done.returncode == 0, done.stdout + done.stderr
+  shutil.copytree(straight, damaged)
+  # Half-written: every array file of the newest checkpoint cut to half its length.
+  for f in (damaged / 'checkpoints' / '8' / 'state').rglob('*'):
+    if f.is_file() and f.stat().st_size > 1000:
+      f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+  resumed = runner.run_main(damaged, *args)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert 'Cannot restore checkpoint step 8' in resumed.stdout, resumed.stdout
+  aside = damaged / 'checkpoints' / '8.unreadable'
+  assert f'Falling back to step 6; step 8 set aside as {aside} (nothing deleted)' in resumed.stdout
+  assert f'Resumed from {damaged / "checkpoints" / "6"} at step 6' in resumed.stdout
+  assert aside.is_dir() and checkpoint_steps(damaged) == [4, 6, 8]  # 8 saved afresh.
+  runner.assert_same_run(straight, damaged, 8)
 
 
 def file_contents(directory) -> dict:

@@ -5,9 +5,10 @@ trainer in `ssl_jax/train.py` and the evaluations in `ssl_jax/eval/` only
 ever call what is defined here, so they never need to know which method
 they run. What a method must implement: `build`, `loss_fn`, `encoder`,
 `build_encoder`, and, at class level, the data it trains on (`data_spec`).
-What it may add: `after_step` (EMA teachers), and one hook per capability
-it declares in `capabilities`, which the evaluations the config enables
-need (checked at setup, before any data is read):
+What it may add: `after_step` (EMA teachers), `loss_weight` and
+`batch_coupling` (gradient accumulation, `ssl_jax.train_step`), and one
+hook per capability it declares in `capabilities`, which the evaluations
+the config enables need (checked at setup, before any data is read):
 
 | capability     | hooks                  | evaluations         |
 |----------------|------------------------|---------------------|
@@ -21,6 +22,7 @@ import abc
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -51,6 +53,11 @@ class Method(abc.ABC):
   picture_name = 'pictures'
   # What `classify` is, in the online_probe evaluation's end-of-run line.
   classifier_title = 'online probe top-1 (trained alongside)'
+  # Why one batch's loss is not the weighted mean of its parts' losses (batch
+  # statistics, negatives from the rest of the batch), or None when it is.
+  # Gradient accumulation (`train.grad_accum_steps` > 1) is refused, with
+  # this reason, when it is set: micro-batching would change the objective.
+  batch_coupling: str | None = None
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -97,6 +104,14 @@ class Method(abc.ABC):
   def loss_fn(self, model: nnx.Module, batch: Batch, rng: jax.Array,
               step: jax.Array) -> tuple[jax.Array, Metrics]:
     """Scalar loss and a dict of scalar metrics for one global batch."""
+
+  def loss_weight(self, batch: Batch) -> jax.Array:
+    """How many terms `loss_fn`'s mean over `batch` averages: by default its examples.
+
+    Accumulated micro-batches (`train.grad_accum_steps`) are averaged with
+    these weights, so their loss and gradient are the whole batch's.
+    """
+    return jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
 
   def after_step(self, model: nnx.Module, step: jax.Array) -> None:
     """In-place, non-gradient updates after the optimizer step (e.g. EMA teachers)."""

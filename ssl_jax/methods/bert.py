@@ -70,6 +70,12 @@ class BERT(LanguageModelMethod):
     return loss, {'masked_accuracy': correct / jnp.maximum(count, 1.0),
                   'predictions_dropped': dropped / jnp.maximum(count + dropped, 1.0)}
 
+  def loss_weight(self, batch: Batch) -> jax.Array:
+    """The predicted positions: each window's chosen ones, at most max_predictions_per_seq."""
+    chosen = batch['weights'].sum(axis=1)  # (B,)
+    k = self._max_predictions()
+    return (chosen if k is None else jnp.minimum(chosen, k)).sum().astype(jnp.float32)
+
   def eval_step(self, model: TransformerLM, batch: Batch) -> dict[str, tuple]:
     """Summed loss and correct predictions over the chosen positions, without dropout."""
     logits, labels, weights, _ = self.predictions(model, batch)

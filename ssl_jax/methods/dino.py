@@ -135,6 +135,9 @@ class DINO(Method):
   """The DINO method: multi-crop self-distillation into an EMA teacher."""
 
   capabilities = frozenset({'features', 'pictures'})
+  batch_coupling = ('the center is an EMA of the batch mean of teacher outputs, updated in the '
+                    'loss: micro-batches would move it once each, with their own means (and the '
+                    'head\'s optional BatchNorm would normalise over a micro-batch)')
 
   picture_name = 'attention'
 

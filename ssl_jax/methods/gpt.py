@@ -10,6 +10,7 @@ Sampling from a trained run: `python -m ssl_jax.sample --workdir=DIR`.
 """
 
 import jax
+import jax.numpy as jnp
 
 from ssl_jax import losses
 from ssl_jax.methods.base import Batch, Metrics
@@ -31,6 +32,10 @@ class GPT(LanguageModelMethod):
     del step
     logits = model(batch['tokens'], dropout_rng=self.dropout_rng(rng))['logits']  # (B, T, V)
     return losses.next_token_loss(logits, batch['tokens'], batch['weights']), {}
+
+  def loss_weight(self, batch: Batch) -> jax.Array:
+    """The counted targets (packed windows can hold padding)."""
+    return batch['weights'][:, 1:].sum().astype(jnp.float32)
 
   def eval_step(self, model: TransformerLM, batch: Batch) -> dict[str, tuple]:
     """{'loss': (summed next-token cross-entropy, number of targets)}, without dropout."""

@@ -56,6 +56,8 @@ class SimCLR(Method):
   """The SimCLR method: two views of every image, NT-Xent over the global batch."""
 
   capabilities = frozenset({'features', 'online_probe', 'pictures'})
+  batch_coupling = ('NT-Xent takes the rest of the batch as negatives and the ResNet\'s '
+                    'BatchNorm normalises over the batch: micro-batches would see fewer of both')
 
   picture_name = 'views'
 
