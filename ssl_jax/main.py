@@ -7,7 +7,7 @@ Rerunning the same command on the same DIR resumes from the newest checkpoint.
 Multi-process (several hosts, or processes on one host): pass
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I to each, or
 --distributed to let `jax.distributed.initialize()` read a TPU pod / SLURM
-environment.
+environment; the scripts in launch/ do either (README, "Launching on many hosts").
 """
 
 import sys

@@ -14,6 +14,8 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from tests import runner
 from tests.launching import reserved_port
 
@@ -58,6 +60,7 @@ def fake_bin(tmp_path, name: str, text: str) -> pathlib.Path:
   return directory
 
 
+@pytest.mark.slow  # ~40-60 s on 2 loaded cores; local.sh's tests cover the trainer's side.
 def test_slurm_sbatch_one_process_per_gpu_detects_slurm(tmp_path):
   bin_dir = fake_bin(tmp_path, 'srun', FAKE_SRUN)
   workdir = tmp_path / 'run'
@@ -66,7 +69,8 @@ def test_slurm_sbatch_one_process_per_gpu_detects_slurm(tmp_path):
            'SRUN_LOG_DIR': str(tmp_path), 'JAX_COORDINATOR_PORT': str(port),
            'PROCESS_PER': 'gpu', 'GPUS_PER_NODE': '2', 'VENV': sys.prefix}
     argv = runner.main_command(workdir, *runner.TINY, '--config.train.steps=2',
-                                '--config.optim.warmup_steps=1')[3:]
+                                '--config.optim.warmup_steps=1',
+                                '--config.eval.linear_probe.enabled=False')[3:]
     result = subprocess.run(['bash', 'launch/slurm.sbatch', *argv], cwd=runner.REPO, env=env,
                             capture_output=True, text=True, timeout=600)
   logs = [(tmp_path / f'task_{i}.log').read_text() for i in range(2)]

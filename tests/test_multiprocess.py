@@ -30,7 +30,8 @@ from tests import runner, test_text_main
 from tests.launching import local_launch, wait_for_line
 
 STEPS = ('--config.train.steps=6', '--config.train.checkpoint_every=3',
-         '--config.eval.knn.enabled=True')  # The kNN's cross-host gathers too.
+         '--config.eval.knn.enabled=True',  # The kNN's cross-host gathers too.
+         '--config.eval.linear_probe.enabled=False')  # Time; it gathers as the kNN does.
 
 
 def reference_run(config, num_steps):
@@ -130,3 +131,15 @@ def test_sigterm_to_one_process_stops_both_at_orbax_preemption_step(tmp_path):
   saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
   last_logged = runner.logged_losses(tmp_path)[-1][0]
   assert saved == [last_logged] and 3 <= last_logged < 5000, (saved, last_logged)
+
+
+def test_stop_signal_leaves_sigterm_to_jax_preemption_notifier():
+  """Under jax.distributed SIGTERM stays jax's, else reached_preemption never fires; SIGINT ours."""
+  assert not checkpoint.jax_catches_sigterm()  # This process never called initialize.
+  before = signal.getsignal(signal.SIGTERM)
+  stop = train.StopSignal(sigterm=False)
+  try:
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signal.SIGINT) == stop._handle
+  finally:
+    stop.restore()
