@@ -8,8 +8,9 @@
 # process 0 hosts the coordinator. The output of process I goes to
 # LOG_DIR/process_I.log (process 0's is also shown here) and the process ids to
 # LOG_DIR/pids. When one process fails the others are stopped (they would
-# otherwise wait in a collective until jax's heartbeat timeout); SIGTERM and
-# SIGINT are passed on to every process, which then save a checkpoint and exit.
+# otherwise wait in a collective until jax's heartbeat timeout). SIGTERM to
+# this script is passed on to every process, and Ctrl-C reaches them from the
+# terminal: they save a checkpoint of one common step and exit.
 #
 # Environment:
 #   PORT              coordinator port (default: one the kernel says is free now)
@@ -38,7 +39,10 @@ stop_all() {  # stop_all SIGNAL: sends SIGNAL to every process still running.
   done
 }
 trap 'stop_all TERM' TERM
-trap 'stop_all INT' INT
+# Ctrl-C in a terminal reaches every process of the foreground group already;
+# passing it on too would be a second SIGINT, which makes the trainer exit at
+# once instead of saving. The launcher itself keeps waiting.
+trap ':' INT
 
 for ((i = 0; i < num_processes; i++)); do
   if [[ -n "${GPUS_PER_PROCESS:-}" ]]; then
@@ -46,6 +50,7 @@ for ((i = 0; i < num_processes; i++)); do
     CUDA_VISIBLE_DEVICES="$(seq -s, "${first}" "$((first + GPUS_PER_PROCESS - 1))")"
     export CUDA_VISIBLE_DEVICES
   fi
+  : >"${log_dir}/process_${i}.log"  # Exists before `tail` below opens it.
   "${python}" -m ssl_jax.main "$@" --coordinator_address="127.0.0.1:${port}" \
     --num_processes="${num_processes}" --process_id="${i}" >"${log_dir}/process_${i}.log" 2>&1 &
   pids+=("$!")

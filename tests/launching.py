@@ -20,7 +20,7 @@ def reserved_port():
   A port from bind(0) that is closed before the coordinator binds it can be
   taken meanwhile by any other process on the machine (other tests run here
   at the same time); jax's own multi-process harness notes the same race
-  (jax/_src/test_multiprocess.py:228-234). Here the port stays bound, with
+  (jax/_src/test_multiprocess.py:252-258). Here the port stays bound, with
   SO_REUSEPORT and never listening, while the job runs: the kernel gives it
   to no other bind(), yet the coordinator's gRPC server, which sets
   SO_REUSEPORT too, binds it (a port taken without SO_REUSEPORT fails at once
@@ -41,6 +41,7 @@ def local_launch(workdir, *flags, config='configs/mae_vit.py:local', processes=2
   reported with its output so far.
   """
   log_dir = workdir / f'logs-{time.monotonic_ns()}'
+  log_dir.mkdir(parents=True)
   argv = runner.main_command(workdir, *flags, config=config)[3:]  # After `python -m ssl_jax.main`.
   with reserved_port() as port:
     env = {**runner.child_env(devices=devices), 'PORT': str(port), 'LOG_DIR': str(log_dir),
@@ -52,9 +53,9 @@ def local_launch(workdir, *flags, config='configs/mae_vit.py:local', processes=2
       if on_started:
         on_started(log_dir)
       launcher_output = launcher.communicate(timeout=timeout)[0]
-    except BaseException:
+    except BaseException as e:  # A hang (TimeoutExpired), a failed on_started, Ctrl-C.
       os.killpg(launcher.pid, signal.SIGKILL)  # The processes too: they share its group.
-      launcher_output = launcher.communicate()[0] + '\n[killed by the test]'
+      launcher_output = launcher.communicate()[0] + f'\n[killed by the test: {e!r}]'
       launcher.returncode = launcher.returncode or -9
   outputs = [(log_dir / f'process_{i}.log').read_text() if (log_dir / f'process_{i}.log').exists()
              else '(no log)' for i in range(processes)]
