@@ -112,7 +112,15 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator,
            *, force: bool = False) -> bool:
-    """Starts an async save of `state` and the iterator position at `step`."""
+    """Starts an async save of `state` and the iterator position at `step`.
+
+    A step already saved is left as it is, even with `force`: a stop (signal or
+    preemption) can fall on a `checkpoint_every` step, and Orbax raises
+    StepAlreadyExistsError for a second save of one step
+    (orbax/checkpoint/checkpoint_manager.py:1475).
+    """
+    if step in self._manager.all_steps():
+      return False
     return self._manager.save(step, force=force, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator)))

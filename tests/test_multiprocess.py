@@ -19,7 +19,9 @@ through its shutdown barrier (ssl_jax/main.py).
 import os
 import signal
 
+import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -143,3 +145,15 @@ def test_stop_signal_leaves_sigterm_to_jax_preemption_notifier():
     assert signal.getsignal(signal.SIGINT) == stop._handle
   finally:
     stop.restore()
+
+
+def test_stop_on_a_checkpoint_step_saves_once(tmp_path):
+  """A stop at a step the loop just saved is no error (Orbax refuses a step twice)."""
+  saver = checkpoint.Checkpointer(tmp_path, keep=2)
+  data = iter(grain.MapDataset.range(8).to_iter_dataset())
+  try:
+    assert saver.save(3, {'w': jnp.ones(2)}, data)
+    assert not saver.save(3, {'w': jnp.ones(2)}, data, force=True)
+  finally:
+    saver.close()
+  assert saver.latest_step() == 3
