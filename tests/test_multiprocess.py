@@ -14,6 +14,10 @@ children, the launcher stops every process when one fails, a hung launch is
 killed after a deadline, every process's whole output is kept in a file and
 put in the assertion message, and each process leaves jax.distributed
 through its shutdown barrier (ssl_jax/main.py).
+
+Preemption is real here, not simulated: SIGTERM to one of the two processes
+goes to jax's preemption notifier, and both stop at the step Orbax's
+`reached_preemption` agrees on.
 """
 
 import os
