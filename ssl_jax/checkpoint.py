@@ -42,6 +42,19 @@ def _use_plain_array_writer_on_cpu() -> None:
     logging.set_verbosity(verbosity)
 
 
+def jax_catches_sigterm() -> bool:
+  """Whether jax's preemption notifier, not Python, owns SIGTERM in this process.
+
+  `jax.distributed.initialize` starts a preemption sync manager whose C++
+  notifier installs a SIGTERM handler (jax/_src/distributed.py:205-219, on by
+  default: `jax_enable_preemption_service`, distributed.py:47). A Python
+  `signal.signal(SIGTERM, ...)` afterwards would replace it and
+  `Checkpointer.reached_preemption` would never fire; the trainer leaves
+  SIGTERM to jax when this is True.
+  """
+  return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the target shardings: the Orbax restore target."""
   return jax.tree.map(
@@ -138,9 +151,32 @@ class Checkpointer:
     self._manager.reload()
     return target
 
+  def reached_preemption(self, step: int) -> bool:
+    """True at the step where every process must save because one was told it will be preempted.
+
+    Orbax asks jax's preemption sync manager (CheckpointManager.reached_preemption,
+    orbax/checkpoint/checkpoint_manager.py:1209 -> _src/multihost/multihost.py:444 ->
+    jax/experimental/multihost_utils.py:187 `reached_preemption_sync_point`). Once
+    `jax.distributed.initialize` has run, its C++ notifier holds SIGTERM; the first
+    process that gets one tells the coordination service, which picks the step
+    after the largest any process has reached, and this returns True at that same
+    step on every process: no collective of ours. Every process must call it at
+    every step. Without jax.distributed (or with `jax_enable_preemption_service`
+    off) it is always False (multihost.py:451-458).
+    """
+    return self._manager.reached_preemption(step)
+
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator,
            *, force: bool = False) -> bool:
-    """Starts an async save of `state` and the iterator position at `step`."""
+    """Starts an async save of `state` and the iterator position at `step`.
+
+    A step already saved is left as it is, even with `force`: a stop (signal or
+    preemption) can fall on a `checkpoint_every` step, and Orbax raises
+    StepAlreadyExistsError for a second save of one step
+    (orbax/checkpoint/checkpoint_manager.py:1475).
+    """
+    if step in self._manager.all_steps():
+      return False
     return self._manager.save(step, force=force, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator)))

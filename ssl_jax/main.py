@@ -7,7 +7,7 @@ Rerunning the same command on the same DIR resumes from the newest checkpoint.
 Multi-process (several hosts, or processes on one host): pass
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I to each, or
 --distributed to let `jax.distributed.initialize()` read a TPU pod / SLURM
-environment.
+environment; the scripts in launch/ do either (README, "Launching on many hosts").
 """
 
 import sys
@@ -40,22 +40,47 @@ def parse_flags(argv: list[str]) -> list[str]:
       '[--config.KEY=VALUE ...]')
 
 
+def start_distributed() -> bool:
+  """Calls `jax.distributed.initialize` as the flags ask; returns whether it did.
+
+  Explicit (--coordinator_address, --num_processes, --process_id): processes on
+  one machine or hosts without a cluster manager (launch/local.sh). Auto
+  (--distributed): jax reads the environment, a TPU pod slice's metadata or
+  SLURM's SLURM_* variables (jax/_src/clusters/slurm_cluster.py:20-25), and
+  picks the coordinator, process count and index (launch/tpu_pod.sh,
+  launch/slurm.sbatch).
+  """
+  import jax  # After flag parsing, so a bad flag costs no jax start-up.
+  if _COORDINATOR.value:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      sys.exit('error: --coordinator_address needs --num_processes and --process_id.')
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+    return True
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+    return True
+  return False
+
+
 def main(argv: list[str]) -> None:
-  """Starts jax.distributed if asked, then trains."""
+  """Starts jax.distributed if asked, trains, then leaves jax.distributed together."""
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   cli.quiet_logging()
-  import jax  # After flag parsing, so a bad flag costs no jax start-up.
-  if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  distributed = start_distributed()
   from ssl_jax import train
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:  # A message for the user, not a traceback.
     sys.exit(f'error: {e}')
+  if distributed:
+    # A barrier: process 0 hosts the coordination service, and exiting before
+    # the others finish (their last checkpoint, export) would cut them off
+    # (jax/_src/distributed.py:192-203, 344). Only on success: after an
+    # error the others may never arrive, and the launcher stops them.
+    import jax
+    jax.distributed.shutdown()
 
 
 if __name__ == '__main__':

@@ -135,12 +135,17 @@ def init_train_state(method: Method, tx: optax.GradientTransformation, shardings
 # Stopping early on SIGTERM (preemption) with a checkpoint.
 # ------------------------------------------------------------------------------
 class StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop checks, so it can save and exit."""
+  """Turns SIGTERM/SIGINT into a flag the loop checks, so it can save and exit.
 
-  def __init__(self):
+  With `sigterm=False` SIGTERM is left to whoever holds it: under
+  jax.distributed, jax's preemption notifier, which the loop hears through
+  `Checkpointer.reached_preemption` (see `checkpoint.jax_catches_sigterm`).
+  """
+
+  def __init__(self, sigterm: bool = True):
     self.requested = False
     self._previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT) if sigterm else (signal.SIGINT,):
       self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
@@ -280,7 +285,8 @@ def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
                       job.method.examples_to_units(config.data.batch_size),
                       flops_per_step=None if flops is None else flops * config.data.batch_size,
                       num_devices=jax.device_count(), device_kind=jax.devices()[0].device_kind)
-  stop, guard = StopSignal(), NonFiniteGuard(config.train.max_nonfinite_steps)
+  stop = StopSignal(sigterm=not checkpoint.jax_catches_sigterm())
+  guard = NonFiniteGuard(config.train.max_nonfinite_steps)
   pending, batch, first_step = [], None, step + 1
   if step < total:
     log_line(f'Compiling the train step (step {step})...')
@@ -307,7 +313,9 @@ def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
       if step % config.train.checkpoint_every == 0 and step < total:
         guard.flush()  # A run that has just hit its limit stops without saving.
         job.checkpointer.save(step, state, job.data_iter)
-      if stop.agreed(step, every=config.train.log_every):
+      # Orbax's preemption sync point is the same step on every process (no collective).
+      if stop.agreed(step, every=config.train.log_every) or job.checkpointer.reached_preemption(
+          step):
         guard.flush()
         job.checkpointer.save(step, state, job.data_iter, force=True)
         log_line(f'Stopped by signal at step {step}; checkpoint saved. '
