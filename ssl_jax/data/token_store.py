@@ -109,19 +109,24 @@ def write_token_file(path: str | os.PathLike, chunks: Iterable[np.ndarray],
   temporary = f'{path}.tmp{os.getpid()}'
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   length = 0
-  with open(temporary, 'wb') as f:
-    _write_header(f, dtype, 0)
-    start = f.tell()
-    for chunk in chunks:
-      if len(chunk) and (chunk.min() < 0 or chunk.max() > limit):
-        raise ValueError(f'token ids in [{chunk.min()}, {chunk.max()}] do not fit {dtype}')
-      f.write(np.ascontiguousarray(chunk, dtype).tobytes())
-      length += len(chunk)
-    f.seek(0)
-    _write_header(f, dtype, length)
-    if f.tell() != start:  # numpy pads the header so this cannot happen; never corrupt silently.
-      raise RuntimeError(f'{path}: the .npy header changed size when its length was written')
-  os.replace(temporary, path)
+  try:
+    with open(temporary, 'wb') as f:
+      _write_header(f, dtype, 0)
+      start = f.tell()
+      for chunk in chunks:
+        if len(chunk) and (chunk.min() < 0 or chunk.max() > limit):
+          raise ValueError(f'token ids in [{chunk.min()}, {chunk.max()}] do not fit {dtype}')
+        f.write(np.ascontiguousarray(chunk, dtype).tobytes())
+        length += len(chunk)
+      f.seek(0)
+      _write_header(f, dtype, length)
+      if f.tell() != start:  # numpy pads the header for this; never corrupt a file silently.
+        raise RuntimeError(f'{path}: the .npy header changed size when its length was written')
+    os.replace(temporary, path)
+  except BaseException:
+    if os.path.exists(temporary):
+      os.remove(temporary)  # Never leave a half-written stream behind.
+    raise
   return TokenFile(path)
 
 
