@@ -324,15 +324,19 @@ class SslJaxTinyText(tfds.core.GeneratorBasedBuilder):
       yield i, {'text': f'document {i}: ' + 'words ' * 30}
 
 
-def test_prepared_tfds_text_dataset(tmp_path):
+def test_prepared_tfds_text_dataset(tmp_path, monkeypatch):
   SslJaxTinyText(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
   documents = text_sources.read_documents('tfds:ssl_jax_tiny_text', str(tmp_path))
   assert sorted(documents) == sorted(f'document {i}: ' + 'words ' * 30 for i in range(10))
   data = text_config(source='tfds:ssl_jax_tiny_text', tfds_dir=str(tmp_path), seq_len=16,
                      batch_size=4, **CHAR)
+  monkeypatch.setattr(text_sources, '_READ_BLOCK', 3)  # records are streamed in blocks
   corpus = text_sources.tokenized_text(data, tmp_path / 'run')
   assert corpus.counts['train_docs'] == 9 and corpus.counts['val_docs'] == 1
   assert (corpus.train == corpus.tokenizer.eot_id).sum() == 9
+  eot = [corpus.tokenizer.eot_id]
+  assert np.array_equal(corpus.train, sum((corpus.tokenizer.encode(d) + eot
+                                           for d in documents[:9]), []))
   assert next(iter(text.train_dataset(data, seed=0, workdir=tmp_path / 'run')[0]))[
       'tokens'].shape == (4, 16)
 

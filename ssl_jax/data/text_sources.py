@@ -53,6 +53,7 @@ from ssl_jax.errors import DataError
 
 SPEC_FORMS = ('pydoc', 'text:PATH', 'tfds:NAME[:SPLIT]')
 _CACHE_VERSION = 2  # 2: memory-mapped uint16/uint32 files (1: int32 arrays).
+_READ_BLOCK = 1024  # TFDS records per read.
 _STATISTICS_CHUNK = 1 << 24  # Tokens per bincount: statistics of a 2B-token file in bounded memory.
 
 
@@ -127,8 +128,13 @@ class Documents:
   def read(self, start: int = 0, stop: int | None = None) -> Iterator[str]:
     """Documents start, ..., stop - 1 (empty ones included, as '')."""
     stop = len(self) if stop is None else stop
-    for i in range(start, stop):
-      yield self._texts[i] if self._texts is not None else _as_str(self._records[i]['text'])
+    if self._texts is not None:
+      yield from self._texts[start:stop]
+      return
+    # tfds data sources read a batch of records in one call (`__getitems__`).
+    for block in range(start, stop, _READ_BLOCK):
+      keys = list(range(block, min(block + _READ_BLOCK, stop)))
+      yield from (_as_str(record['text']) for record in self._records.__getitems__(keys))
 
 
 def read_documents(spec: str, tfds_dir: str | None = None) -> list[str]:
@@ -292,9 +298,9 @@ def tokenized_text(data: ml_collections.ConfigDict,
   key = hashlib.sha256(json.dumps([
       _CACHE_VERSION, tokenizer.to_json(), source_fingerprint(data.source, data.tfds_dir),
       data.objective, data.val_fraction]).encode()).hexdigest()[:16]
-  if key in _MEMORY:
-    return _MEMORY[key]
   prefix = os.path.join(token_store.cache_dir(workdir), key)
+  if prefix in _MEMORY:  # The files of another workdir may be removed with it: key by place.
+    return _MEMORY[prefix]
   if not os.path.exists(f'{prefix}.json'):
     _write_cache(prefix, split(), tokenizer, data.objective)
   with open(f'{prefix}.json') as f:
@@ -303,7 +309,7 @@ def tokenized_text(data: ml_collections.ConfigDict,
                        TokenFile(f'{prefix}.val.npy'), counts)
   while len(_MEMORY) >= _MEMORY_SIZE:
     del _MEMORY[next(iter(_MEMORY))]  # The oldest: dicts keep insertion order.
-  _MEMORY[key] = text
+  _MEMORY[prefix] = text
   return text
 
 
@@ -314,10 +320,7 @@ def _write_cache(prefix: str, split: HeldOutSplit, tokenizer: Tokenizer, objecti
   for name, documents in (('train', split.train()), ('val', split.val())):
     token_store.write_token_file(
         f'{prefix}.{name}.npy', token_store.encoded_chunks(tokenizer, documents, separator), dtype)
-  temporary = f'{prefix}.json.tmp{os.getpid()}'
-  with open(temporary, 'w') as f:
-    json.dump(split.counts(), f)
-  os.replace(temporary, f'{prefix}.json')
+  token_store.write_text_atomically(f'{prefix}.json', json.dumps(split.counts()))
 
 
 # ------------------------------------------------------------ statistics ---

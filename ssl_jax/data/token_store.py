@@ -12,7 +12,8 @@ so that the array header can be modified in-place when changing the array
 size" (numpy 2.4, numpy/lib/_format_impl.py `_write_array_header`),
 so the header keeps its size. The file is written under a temporary name and
 renamed into place (`os.replace` is atomic on POSIX), so a reader sees either
-no file or a complete one, and processes racing to write it are harmless.
+no file or a complete one, and processes (or hosts sharing a file system)
+racing to write it are harmless: each writes its own temporary file.
 
 Reading: a `TokenFile` holds only the path and opens the file with
 `np.load(path, mmap_mode='r')` (numpy.load: "the file is memory-mapped
@@ -106,11 +107,10 @@ def write_token_file(path: str | os.PathLike, chunks: Iterable[np.ndarray],
   path = os.fspath(path)
   dtype = np.dtype(dtype)
   limit = np.iinfo(dtype).max
-  temporary = f'{path}.tmp{os.getpid()}'
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  fd, temporary = _temporary_beside(path)
   length = 0
   try:
-    with open(temporary, 'wb') as f:
+    with os.fdopen(fd, 'wb') as f:
       _write_header(f, dtype, 0)
       start = f.tell()
       for chunk in chunks:
@@ -128,6 +128,25 @@ def write_token_file(path: str | os.PathLike, chunks: Iterable[np.ndarray],
       os.remove(temporary)  # Never leave a half-written stream behind.
     raise
   return TokenFile(path)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` to `path` under a temporary name, then renames it into place."""
+  fd, temporary = _temporary_beside(os.fspath(path))
+  try:
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+    os.replace(temporary, path)
+  except BaseException:
+    os.remove(temporary)
+    raise
+
+
+def _temporary_beside(path: str) -> tuple[int, str]:
+  """A new file next to `path`: unique even across hosts writing one shared directory."""
+  directory = os.path.dirname(path) or '.'
+  os.makedirs(directory, exist_ok=True)
+  return tempfile.mkstemp(prefix=f'{os.path.basename(path)}.tmp', dir=directory)
 
 
 def _write_header(f, dtype: np.dtype, length: int) -> None:
