@@ -129,7 +129,7 @@ class PackedWindows(grain.transforms.MapWithIndex):
   tokens: TokenFile | np.ndarray  # (N,) uint16/uint32, the split's stream
   objective: str
   seq_len: int
-  tokenizer: SpecialIds
+  ids: SpecialIds  # the tokenizer's special ids and vocabulary size
   mask_prob: float
   seed: int
   epoch_length: int | None
@@ -144,9 +144,9 @@ class PackedWindows(grain.transforms.MapWithIndex):
           self.seed, index // self.epoch_length, stride)
       chunk = self.tokens[slot * stride + offset:slot * stride + offset + width]
     if self.objective == 'causal_lm':
-      return causal_example(chunk, self.seq_len, self.tokenizer.pad_id)
+      return causal_example(chunk, self.seq_len, self.ids.pad_id)
     rng = np.random.default_rng([self.seed, index])
-    return masked_example(chunk, self.seq_len, self.tokenizer, rng, self.mask_prob)
+    return masked_example(chunk, self.seq_len, self.ids, rng, self.mask_prob)
 
 
 def causal_example(chunk: np.ndarray, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
