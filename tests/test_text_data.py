@@ -75,7 +75,7 @@ def test_documents_are_separated_and_cached_in_the_workdir(run_dir, monkeypatch)
       [tokenizer.encode(doc) + [tokenizer.eot_id] for doc in val]))
   # Cached as .npy: a fresh process state reloads without reading the source.
   text_sources._MEMORY.clear()
-  monkeypatch.setattr(text_sources, 'read_documents', lambda *a: pytest.fail('re-read'))
+  monkeypatch.setattr(text_sources, 'Documents', lambda *a: pytest.fail('re-read'))
   again = text_sources.tokenized_text(data, workdir)
   assert np.array_equal(again.train, corpus.train) and again.counts == corpus.counts
 
@@ -84,8 +84,8 @@ def test_documents_are_separated_and_cached_in_the_workdir(run_dir, monkeypatch)
 
 
 def occurrences(stream: np.ndarray, row: np.ndarray) -> list[int]:
-  """Every position where `row` occurs in the int32 `stream`."""
-  haystack, needle = stream.tobytes(), row.astype(np.int32).tobytes()
+  """Every position where `row` occurs in `stream` (compared as int32)."""
+  haystack, needle = np.asarray(stream, np.int32).tobytes(), row.astype(np.int32).tobytes()
   found, at = [], haystack.find(needle)
   while at >= 0:
     if at % 4 == 0:
@@ -106,16 +106,17 @@ def test_each_train_epoch_tiles_the_train_stream_at_a_new_offset(run_dir):
   weights = np.concatenate([b['weights'] for b in batches])
   assert tokens.dtype == np.int32 and weights.dtype == np.float32
   assert (weights[:, 0] == 0).all() and (weights[:, 1:] == 1).all()
+  train = np.asarray(corpus.train, np.int32)  # The uint16 file, as the windows' dtype.
   offsets = []
   for epoch in (0, 1):
     rows = tokens[epoch * num_windows:(epoch + 1) * num_windows]
     # Windows are cut from the train stream, so none reaches into validation;
     # all start at one offset modulo the stride (text may repeat: any occurrence).
-    residues = set.intersection(*({c % 255 for c in occurrences(corpus.train, row)}
+    residues = set.intersection(*({c % 255 for c in occurrences(train, row)}
                                   for row in rows[:20]))
     assert len(residues) == 1
     offset = residues.pop()
-    tiles = {corpus.train[i * 255 + offset:i * 255 + offset + 256].tobytes()
+    tiles = {train[i * 255 + offset:i * 255 + offset + 256].tobytes()
              for i in range(num_windows)}
     assert {row.tobytes() for row in rows} == tiles  # every slot once, consecutive overlap 1
     offsets.append(offset)
@@ -323,15 +324,19 @@ class SslJaxTinyText(tfds.core.GeneratorBasedBuilder):
       yield i, {'text': f'document {i}: ' + 'words ' * 30}
 
 
-def test_prepared_tfds_text_dataset(tmp_path):
+def test_prepared_tfds_text_dataset(tmp_path, monkeypatch):
   SslJaxTinyText(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
   documents = text_sources.read_documents('tfds:ssl_jax_tiny_text', str(tmp_path))
   assert sorted(documents) == sorted(f'document {i}: ' + 'words ' * 30 for i in range(10))
   data = text_config(source='tfds:ssl_jax_tiny_text', tfds_dir=str(tmp_path), seq_len=16,
                      batch_size=4, **CHAR)
+  monkeypatch.setattr(text_sources, '_READ_BLOCK', 3)  # records are streamed in blocks
   corpus = text_sources.tokenized_text(data, tmp_path / 'run')
   assert corpus.counts['train_docs'] == 9 and corpus.counts['val_docs'] == 1
   assert (corpus.train == corpus.tokenizer.eot_id).sum() == 9
+  eot = [corpus.tokenizer.eot_id]
+  assert np.array_equal(corpus.train, sum((corpus.tokenizer.encode(d) + eot
+                                           for d in documents[:9]), []))
   assert next(iter(text.train_dataset(data, seed=0, workdir=tmp_path / 'run')[0]))[
       'tokens'].shape == (4, 16)
 

@@ -1,7 +1,8 @@
 """grain pipelines of the text methods: packed token windows, BERT masking, eval passes.
 
 Each split is one token stream (`text_sources.tokenized_text`: documents
-joined by <|endoftext|> or [SEP]), cut into windows of T = `data.seq_len`:
+joined by <|endoftext|> or [SEP]) in a memory-mapped file that the transform
+holds by path (token_store.py), cut into windows of T = `data.seq_len`:
 
   causal_lm  window i = stream[i(T-1) : i(T-1) + T]. Consecutive windows share
              one token, so each next-token pair of the stream lies in exactly
@@ -61,7 +62,8 @@ from ssl_jax.data.pipeline import (
   per_process_batch_size,
   process_stream,
 )
-from ssl_jax.data.text_sources import TokenizedText, describe, tokenized_text
+from ssl_jax.data.text_sources import TokenizedText, describe, token_counts, tokenized_text
+from ssl_jax.data.token_store import TokenFile
 from ssl_jax.data.tokenizer import Tokenizer
 from ssl_jax.errors import DataError
 
@@ -93,6 +95,24 @@ def epoch_offset(seed: int, epoch: int, stride: int) -> int:
   return int(np.random.default_rng([seed, epoch, 1]).integers(stride))
 
 
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  """What packing and masking need of a tokenizer: a few ints (a tokenizer pickles its vocab)."""
+
+  pad_id: int
+  cls_id: int | None
+  sep_id: int | None
+  mask_id: int | None
+  special_ids: tuple[int, ...]
+  vocab_size: int
+
+  @classmethod
+  def of(cls, tokenizer: Tokenizer) -> 'SpecialIds':
+    """The ids of `tokenizer`."""
+    return cls(tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id,
+               tuple(tokenizer.special_ids), tokenizer.vocab_size)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PackedWindows(grain.transforms.MapWithIndex):
   """Window slot `slot` of a token stream as one example (slot -1: an empty, padding window).
@@ -100,12 +120,16 @@ class PackedWindows(grain.transforms.MapWithIndex):
   `index` is the position in the global stream (train) or the window's own
   index (eval): with `seed` it fixes the masking, and with `epoch_length` (the
   windows per epoch; None at eval: offset 0) the epoch and so its offset.
+
+  The stream is a `TokenFile`, so pickling this transform into grain's worker
+  processes sends a path and a few ids (~ 400 bytes), never the tokens; each
+  worker memory-maps the file itself. Any (N,) array slices the same way.
   """
 
-  tokens: np.ndarray  # (N,) int32, the split's stream
+  tokens: TokenFile | np.ndarray  # (N,) uint16/uint32, the split's stream
   objective: str
   seq_len: int
-  tokenizer: Tokenizer
+  ids: SpecialIds  # the tokenizer's special ids and vocabulary size
   mask_prob: float
   seed: int
   epoch_length: int | None
@@ -120,9 +144,9 @@ class PackedWindows(grain.transforms.MapWithIndex):
           self.seed, index // self.epoch_length, stride)
       chunk = self.tokens[slot * stride + offset:slot * stride + offset + width]
     if self.objective == 'causal_lm':
-      return causal_example(chunk, self.seq_len, self.tokenizer.pad_id)
+      return causal_example(chunk, self.seq_len, self.ids.pad_id)
     rng = np.random.default_rng([self.seed, index])
-    return masked_example(chunk, self.seq_len, self.tokenizer, rng, self.mask_prob)
+    return masked_example(chunk, self.seq_len, self.ids, rng, self.mask_prob)
 
 
 def causal_example(chunk: np.ndarray, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -134,7 +158,7 @@ def causal_example(chunk: np.ndarray, seq_len: int, pad_id: int) -> dict[str, np
   return {'tokens': tokens, 'weights': weights}
 
 
-def masked_example(chunk: np.ndarray, seq_len: int, tokenizer: Tokenizer,
+def masked_example(chunk: np.ndarray, seq_len: int, tokenizer: SpecialIds | Tokenizer,
                    rng: np.random.Generator, mask_prob: float) -> dict[str, np.ndarray]:
   """[CLS] chunk [SEP] [PAD]..., masked: inputs, labels, weights, token_types, key_mask."""
   length = len(chunk) + 2
@@ -148,14 +172,25 @@ def masked_example(chunk: np.ndarray, seq_len: int, tokenizer: Tokenizer,
   return example
 
 
-def _windows(text: TokenizedText, data: ml_collections.ConfigDict, split: str, seed: int,
-             epoch_length: int | None) -> PackedWindows:
-  """The transform that cuts `split` of `text` into examples."""
+def windows_transform(text: TokenizedText, data: ml_collections.ConfigDict, split: str,
+                      seed: int, epoch_length: int | None) -> PackedWindows:
+  """The transform that cuts `split` ('train' or 'val') of `text` into examples."""
   mask_prob = data.mask_prob if data.objective == 'masked_lm' else 0.0
   if data.objective == 'masked_lm' and not 0 < mask_prob < 1:
     raise DataError(f'config.data.mask_prob={mask_prob!r}; expected a probability in (0, 1)')
-  return PackedWindows(getattr(text, split), data.objective, data.seq_len, text.tokenizer,
-                       mask_prob, seed, epoch_length)
+  return PackedWindows(getattr(text, f'{split}_file'), data.objective, data.seq_len,
+                       SpecialIds.of(text.tokenizer), mask_prob, seed, epoch_length)
+
+
+def train_windows(transform: PackedWindows, num_windows: int, seed: int) -> grain.MapDataset:
+  """The endless global stream of train examples: shuffled slots, a new offset every epoch."""
+  return (
+      grain.MapDataset.range(num_windows)
+      .seed(seed)    # grain derives the shuffle from it.
+      .shuffle()     # repeat() reseeds it: a new permutation every epoch.
+      .repeat()
+      .map_with_index(transform)
+  )
 
 
 def train_dataset(
@@ -186,14 +221,9 @@ def train_dataset(
         f'{text.name}: the training split has {len(text.train):,} tokens, {num_windows} '
         f'windows of config.data.seq_len={data.seq_len}, fewer than one global batch of '
         f'config.data.batch_size={data.batch_size}; lower seq_len or batch_size, or use more text')
-  dataset = (
-      grain.MapDataset.range(num_windows)
-      .seed(seed)    # grain derives the shuffle from it.
-      .shuffle()     # repeat() reseeds it: a new permutation every epoch.
-      .repeat()
-      .map_with_index(_windows(text, data, 'train', seed, epoch_length=num_windows))
-  )
-  stream = process_stream(dataset, data, process_index, process_count)
+  transform = windows_transform(text, data, 'train', seed, epoch_length=num_windows)
+  stream = process_stream(train_windows(transform, num_windows, seed), data, process_index,
+                          process_count)
   num_eval = num_eval_windows(len(text.val), data.objective, data.seq_len)
   summary = (f'{describe(text)} -> {num_windows:,} train / {num_eval:,} val windows of '
              f'{data.seq_len} tokens ({data.objective}); batch {data.batch_size} = {batch_size} x '
@@ -218,7 +248,7 @@ def eval_batches(
   local_batch = per_process_batch_size(batch_size, process_count, 'eval batch_size')
   check_process_index(process_index, process_count)
   text = tokenized_text(data, workdir)
-  transform = _windows(text, data, 'val', EVAL_MASK_SEED, epoch_length=None)
+  transform = windows_transform(text, data, 'val', EVAL_MASK_SEED, epoch_length=None)
   num_windows = num_eval_windows(len(text.val), data.objective, data.seq_len)
   # Masking draws depend on the global window index, not on the process share.
   windows = grain.MapDataset.range(num_windows).map_with_index(transform)
@@ -228,10 +258,12 @@ def eval_batches(
                              process_count=process_count)
 
 
-def most_frequent_share(tokens: np.ndarray, special_ids: tuple[int, ...]) -> float:
+def most_frequent_share(tokens: np.ndarray, special_ids: tuple[int, ...],
+                        vocab_size: int) -> float:
   """Accuracy of always predicting the most frequent ordinary token of `tokens`."""
-  ordinary = tokens[~np.isin(tokens, special_ids)]
-  return float(np.bincount(ordinary).max() / max(len(ordinary), 1)) if len(ordinary) else 0.0
+  counts = token_counts(tokens, vocab_size)
+  counts[list(special_ids)] = 0
+  return float(counts.max() / counts.sum()) if counts.any() else 0.0
 
 
 def chance_baseline(corpus: TokenizedText, objective: str) -> str:
@@ -242,5 +274,6 @@ def chance_baseline(corpus: TokenizedText, objective: str) -> str:
   """
   if objective != 'masked_lm':
     return ''
-  share = most_frequent_share(corpus.val, corpus.tokenizer.special_ids)
+  share = most_frequent_share(corpus.val, corpus.tokenizer.special_ids,
+                              corpus.tokenizer.vocab_size)
   return f'; always guessing the most frequent val token scores masked accuracy {share:.3f}'

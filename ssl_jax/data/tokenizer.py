@@ -32,7 +32,7 @@ ids: load it with `load_tokenizer(DIR / 'tokenizer.json')`.
 import abc
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import ml_collections
 import tokenizers
@@ -181,12 +181,19 @@ def special_tokens_for(objective: str) -> tuple[str, ...]:
   return CAUSAL_SPECIAL_TOKENS if objective == 'causal_lm' else MASKED_SPECIAL_TOKENS
 
 
-def train_tokenizer(kind: str, texts: Sequence[str], *, vocab_size: int,
+def train_tokenizer(kind: str, texts: Iterable[str], *, vocab_size: int,
                     objective: str) -> Tokenizer:
-  """Trains a 'bpe', 'wordpiece' or 'char' tokenizer on `texts`, deterministically."""
+  """Trains a 'bpe', 'wordpiece' or 'char' tokenizer on `texts`, deterministically.
+
+  `texts` may be a stream that is read more than once (WordPiece reads it
+  twice); no kind holds all of it in memory.
+  """
   specials = special_tokens_for(objective)
   if kind == 'char':
-    return CharTokenizer(specials, ''.join(sorted(set().union(*map(set, texts)))))
+    alphabet = set()
+    for text in texts:
+      alphabet.update(text)
+    return CharTokenizer(specials, ''.join(sorted(alphabet)))
   if kind == 'bpe':
     return HuggingFaceTokenizer(_train_byte_level_bpe(texts, vocab_size, specials))
   if kind == 'wordpiece':
@@ -195,7 +202,7 @@ def train_tokenizer(kind: str, texts: Sequence[str], *, vocab_size: int,
                   'tokenizer.json')
 
 
-def _train_byte_level_bpe(texts: Sequence[str], vocab_size: int,
+def _train_byte_level_bpe(texts: Iterable[str], vocab_size: int,
                           specials: Sequence[str]) -> tokenizers.Tokenizer:
   """GPT-2's scheme: BPE over UTF-8 bytes after GPT-2's regex split."""
   if END_OF_TEXT in specials:
@@ -210,7 +217,7 @@ def _train_byte_level_bpe(texts: Sequence[str], vocab_size: int,
   return tokenizer
 
 
-def _train_wordpiece(texts: Sequence[str], vocab_size: int,
+def _train_wordpiece(texts: Iterable[str], vocab_size: int,
                      specials: Sequence[str]) -> tokenizers.Tokenizer:
   """BERT's scheme (uncased): WordPiece learned by BPE merges with `##` continuations."""
   normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -276,11 +283,11 @@ def check_special_tokens(tokenizer: Tokenizer, objective: str, where: str) -> No
 
 
 def tokenizer_for_run(data: ml_collections.ConfigDict, workdir: str | os.PathLike | None,
-                      train_texts: Callable[[], Sequence[str]]) -> Tokenizer:
+                      train_texts: Callable[[], Iterable[str]]) -> Tokenizer:
   """WORKDIR/tokenizer.json if it exists; else loads or trains `data.tokenizer` and saves it.
 
   `train_texts()` is called only when a tokenizer has to be trained; it must
-  return the training split alone.
+  return the training split alone, as an iterable that can be read twice.
   """
   saved = None if workdir is None else os.path.join(workdir, FILENAME)
   spec = data.tokenizer
