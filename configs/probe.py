@@ -15,7 +15,11 @@ Variants (`--config=configs/probe.py:VARIANT`; the default is `mae`):
   python -m ssl_jax.probe --workdir=/tmp/mae [--config=configs/probe.py:dino] \
       [--config.eval.test_source=digits:test --config.eval.linear_probe.epochs=50 ...]
 
-Unset data / eval sources (None) come from the export's own config. The
+Each protocol keeps its reference's number of optimizer steps (`min_steps`:
+on ImageNet the epochs give it; on a small split, such as the 1,437 digits,
+the epochs rise until the head takes as many steps as the reference's, at
+the batch-scaled lr of the batch actually used). Unset data / eval sources
+(None) come from the export's own config. The
 linear probe trains on features computed once, without augmentation
 (`ssl_jax.eval.linear_probe.protocol_linear_probe`): the references augment
 every epoch and run the frozen encoder each step (README, deviations). A
@@ -54,6 +58,7 @@ def _linear(**protocol) -> dict:
       weight_decay=0.0,
       batch_size=256,
       epochs=100,
+      min_steps=0,                 # More epochs until the head takes this many steps (below).
       lr=0.1,                      # Base lr; peak = lr * batch / 256 when lr_scaling='linear'.
       lr_scaling='linear',
       warmup_epochs=0.0,           # Then a cosine to 0.
@@ -74,6 +79,8 @@ PROTOCOLS = {
         weight_decay=0.0,          # main_linprobe.py L55.
         batch_size=16384,          # PRETRAIN.md L174: 512 x 4 nodes x 8 GPUs; paper Table 9.
         epochs=90,                 # main_linprobe.py L46.
+        # 90 x 78: 1,281,167 images over 32 GPUs, 512 each, drop_last (main_linprobe.py L178).
+        min_steps=7020,
         lr=0.1,                    # main_linprobe.py L60: blr, lr = blr * batch / 256 (L240).
         lr_scaling='linear',       # main_linprobe.py L240.
         warmup_epochs=10.0,        # main_linprobe.py L66; util/lr_sched.py: then half cosine.
@@ -86,6 +93,7 @@ PROTOCOLS = {
         weight_decay=0.0,          # README.md L119: --weight_decay=0.0.
         batch_size=512,            # README.md L120: --train_batch_size=512 (CIFAR-10).
         epochs=100,                # README.md L120: --train_epochs=100.
+        min_steps=9766,            # tf2/model.py L74-75: 50,000 x 100 // 512 + 1 (CIFAR-10).
         lr=0.1,                    # README.md L119: --learning_rate=0.1.
         lr_scaling='linear',       # tf2/run.py L42: learning_rate_scaling default 'linear'.
         warmup_epochs=0.0,         # README.md L120: --warmup_epochs=0; then cosine (model.py).
@@ -100,6 +108,7 @@ PROTOCOLS = {
         weight_decay=0.0,          # eval_linear.py L107.
         batch_size=1024,           # eval_linear.py L270: 128 per GPU x 8 GPUs.
         epochs=100,                # eval_linear.py L265.
+        min_steps=125200,          # 100 x 1,252: 1,281,167 images over 8 GPUs, 128 each (L93).
         lr=0.001,                  # eval_linear.py L266, scaled by batch / 256 (L105).
         lr_scaling='linear',       # eval_linear.py L105.
         warmup_epochs=0.0,         # eval_linear.py L109: CosineAnnealingLR(epochs, eta_min=0).

@@ -33,7 +33,9 @@ On the command line:
 `.bin` files need PyTorch; `.safetensors` only the safetensors package. An
 imported vit_mae exports its encoder (the ViT: what MAE exports); written
 back it is a `ViTMAEModel` file (ViTMAEForPreTraining loads it with a fresh
-decoder). The last stdout line is a JSON object: kind, direction, params, out.
+decoder). A GPT-2 / BERT import copies the tokenizer.json beside the weights
+(or `--tokenizer=PATH`) into the export, and an export holding one writes it
+beside the weights it converts. The last stdout line is a JSON object: kind, direction, params, out.
 """
 
 import json
@@ -58,6 +60,8 @@ from ssl_jax.models.lm import TransformerLM
 from ssl_jax.models.resnet import ResNet, from_torch_state_dict
 from ssl_jax.models.transformer import count_params
 from ssl_jax.models.vit import ViT
+
+TOKENIZER = 'tokenizer.json'
 
 
 class HFLanguageModel(nnx.Module):
@@ -173,6 +177,9 @@ _KIND = flags.DEFINE_enum('kind', None, hf_configs.KINDS, 'Model kind of --weigh
 _WEIGHTS = flags.DEFINE_string('weights', None, 'A Hugging Face .safetensors or .bin file.')
 _HF_CONFIG = flags.DEFINE_string('hf_config', None,
                                  'Its config.json (default: config.json beside --weights).')
+_TOKENIZER = flags.DEFINE_string(
+    'tokenizer', None, 'gpt2 / bert: its tokenizer.json (default: tokenizer.json beside '
+    '--weights), copied into the export so the probe and sampling can read text.')
 _SOURCE = flags.DEFINE_string('source', None, 'An export directory, or a workdir with export/.')
 _OUT = flags.DEFINE_string('out', None, 'Output directory (an export, or HF files).')
 
@@ -204,8 +211,13 @@ def _read_json(path: epath.Path) -> dict[str, Any]:
 
 
 def import_hf(kind: str, weights: epath.PathLike, out: epath.PathLike,
-              hf_config_path: epath.PathLike | None = None) -> dict[str, Any]:
-  """HF weights + config.json -> an export in `out` (encoder/ + config.json + hf_config.json)."""
+              hf_config_path: epath.PathLike | None = None,
+              tokenizer: epath.PathLike | None = None) -> dict[str, Any]:
+  """HF weights + config.json -> an export in `out` (encoder/ + config.json + hf_config.json).
+
+  A language model's tokenizer.json (`tokenizer`, else the one beside the
+  weights) is copied in too: the probe scores text through it.
+  """
   weights, out = epath.Path(weights), epath.Path(out)
   hf_config_path = epath.Path(hf_config_path or weights.parent / 'config.json')
   state_dict = read_state_dict(weights)
@@ -221,8 +233,30 @@ def import_hf(kind: str, weights: epath.PathLike, out: epath.PathLike,
     encoder = from_hf(kind, hf_config, state_dict).lm
   checkpoint.export_encoder(out, encoder, config)
   (out / 'hf_config.json').write_text(json.dumps(hf_config, indent=2))
+  if kind != 'vit_mae':
+    _copy_tokenizer(epath.Path(tokenizer) if tokenizer else weights.parent / TOKENIZER, out,
+                    required=tokenizer is not None)
   print(f'Wrote the {config.method} export to {out}', flush=True)
   return {'kind': kind, 'direction': 'import', 'params': count_params(encoder), 'out': str(out)}
+
+
+def _copy_tokenizer(path: epath.Path, out: epath.Path, *, required: bool) -> None:
+  """Copies a Hugging Face tokenizer.json to `out`/tokenizer.json, or says why not."""
+  from ssl_jax.data.tokenizer import HuggingFaceTokenizer, load_tokenizer
+  if not path.exists():
+    if required:
+      raise FileNotFoundError(f'no tokenizer file at {path}')
+    print(f'Note: no {TOKENIZER} at {path}; copy the model\'s tokenizer.json into {out} '
+          'to probe it on text (python -m ssl_jax.probe --config=configs/probe.py:lm).',
+          flush=True)
+    return
+  if not isinstance(load_tokenizer(path), HuggingFaceTokenizer):
+    print(f'Note: {path} is a character tokenizer of ours, not a Hugging Face one; not '
+          'copied.', flush=True)
+    return
+  out.mkdir(parents=True, exist_ok=True)
+  (out / TOKENIZER).write_text(path.read_text())
+  print(f'Copied {path} to {out / TOKENIZER}', flush=True)
 
 
 def export_hf(source: epath.PathLike, out: epath.PathLike) -> dict[str, Any]:
@@ -248,6 +282,8 @@ def export_hf(source: epath.PathLike, out: epath.PathLike) -> dict[str, Any]:
             str(out / 'model.safetensors'), metadata={'format': 'pt'})
   (out / 'config.json').write_text(json.dumps(hf_config, indent=2))
   print(f'Wrote {len(state_dict)} tensors and config.json to {out}', flush=True)
+  if kind != 'vit_mae' and (source / TOKENIZER).exists():
+    _copy_tokenizer(source / TOKENIZER, out, required=False)
   return {'kind': kind, 'direction': 'export', 'params': count_params(encoder), 'out': str(out)}
 
 
@@ -262,7 +298,8 @@ def main(argv: list[str]) -> None:
     if _WEIGHTS.value:
       if not _KIND.value:
         raise UserError(f'--weights needs --kind (one of {", ".join(hf_configs.KINDS)})')
-      summary = import_hf(_KIND.value, _WEIGHTS.value, _OUT.value, _HF_CONFIG.value)
+      summary = import_hf(_KIND.value, _WEIGHTS.value, _OUT.value, _HF_CONFIG.value,
+                          _TOKENIZER.value)
     else:
       summary = export_hf(_SOURCE.value, _OUT.value)
   except (UserError, ValueError, FileNotFoundError) as e:  # A message, not a traceback.

@@ -116,6 +116,8 @@ def method_config(kind: str, hf_config: dict[str, Any]) -> ml_collections.Config
         decoder_mlp_dim=c['decoder_intermediate_size'], mask_ratio=c['mask_ratio'],
         norm_pix_loss=c['norm_pix_loss']))
     config.data.update(dict(image_size=c['image_size'], channels=c['num_channels']))
+  if kind != 'vit_mae':  # Windows no longer than the model's positions.
+    config.data.seq_len = min(config.data.seq_len, config.model.max_len)
   config.model.dtype = 'float32'  # An imported model computes as its source did.
   return config
 

@@ -223,8 +223,13 @@ def language_probe(model, method, config, export_dir, workdir, mesh) -> dict:
   from flax import nnx
 
   from ssl_jax.data import text
+  from ssl_jax.data.tokenizer import load_tokenizer
   from ssl_jax.eval.passes import device_pass
   config.data.tokenizer = _tokenizer_path(config, export_dir, workdir)
+  vocab = load_tokenizer(config.data.tokenizer).vocab_size
+  if vocab > config.model.vocab_size:  # Its ids past the embedding table would read NaN.
+    raise UserError(f'the tokenizer {config.data.tokenizer} has {vocab} ids and the model '
+                    f'{config.model.vocab_size} embeddings: not the tokenizer it was trained with')
   batches = text.eval_batches(config.data, batch_size=config.eval.batch_size,
                               process_index=jax.process_index(),
                               process_count=jax.process_count(), workdir=None)

@@ -339,6 +339,9 @@ def finish(job: Job, state: TrainState, batch: Any) -> dict[str, float]:
   for line in evaluator.summary(results):
     log_line(line)
   export_dir = checkpoint.export_encoder(job.workdir / 'export', evaluator.encoder(state), config)
+  tokenizer = job.workdir / 'tokenizer.json'  # A text run's: the export reads text on its own.
+  if tokenizer.exists() and jax.process_index() == 0:
+    (export_dir / 'tokenizer.json').write_text(tokenizer.read_text())
   log_line(f'Encoder exported to {export_dir}')
   logging.info('Final results: %s', results)
   return results

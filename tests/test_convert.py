@@ -9,6 +9,7 @@ float64 facebookresearch/mae forward of tests/numpy_vit.py. No torch, no network
 """
 
 import json
+import math
 import subprocess
 import sys
 
@@ -20,8 +21,8 @@ from safetensors.numpy import load_file, save_file
 from ssl_jax import convert, hf_configs, methods
 from ssl_jax.models import hf_vit_mae
 from tests import numpy_vit as ref
+from tests import runner, test_resnet
 from tests import test_hf_convert as lm_ref
-from tests import test_resnet
 
 CONFIGS = {
     'gpt2': dict(vocab_size=lm_ref.VOCAB, n_positions=lm_ref.LENGTH, n_embd=lm_ref.WIDTH,
@@ -41,9 +42,9 @@ TIED = {'lm_head.weight': 'transformer.wte.weight',
 FIXED = ('position_embeddings', 'decoder_pos_embed')  # HF's frozen sin-cos buffers.
 
 
-def random_state_dict(kind: str, seed: int = 0) -> dict[str, np.ndarray]:
+def random_state_dict(kind: str, seed: int = 0, **changes) -> dict[str, np.ndarray]:
   """A state dict with HF's names and shapes, every trainable tensor random (LayerNorms too)."""
-  model = convert._build(hf_configs.method_config(kind, CONFIGS[kind]))
+  model = convert._build(hf_configs.method_config(kind, {**CONFIGS[kind], **changes}))
   image_size = CONFIGS[kind].get('image_size')
   names = convert.to_hf(kind, model, image_size=image_size)
   rng = np.random.default_rng(seed)
@@ -147,11 +148,12 @@ def test_torchvision_resnet_through_convert():
   np.testing.assert_allclose(pooled, reference['resnet18_eval'], rtol=1e-4, atol=1e-4)
 
 
-def write_hf_files(directory, kind, seed=0):
+def write_hf_files(directory, kind, seed=0, **changes):
   directory.mkdir(parents=True, exist_ok=True)
-  sd = random_state_dict(kind, seed)
+  sd = random_state_dict(kind, seed, **changes)
   save_file(sd, str(directory / 'model.safetensors'), metadata={'format': 'pt'})
-  (directory / 'config.json').write_text(json.dumps({**CONFIGS[kind], 'model_type': kind}))
+  (directory / 'config.json').write_text(
+      json.dumps({**CONFIGS[kind], **changes, 'model_type': kind}))
   return sd
 
 
@@ -234,3 +236,47 @@ def test_vit_mae_reads_transformers_5_names():
   back = convert.to_hf('vit_mae', convert.from_hf('vit_mae', CONFIGS['vit_mae'], new))
   for name, value in sd.items():
     np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize('kind', ['bert', pytest.param('gpt2', marks=pytest.mark.slow)])
+def test_imported_language_model_is_probed_on_text(tmp_path, kind):
+  """HF weights + tokenizer.json -> convert -> `ssl_jax.probe` lm scores held-out text."""
+  from ssl_jax.data import text_sources, tokenizer
+  objective = 'masked_lm' if kind == 'bert' else 'causal_lm'
+  documents = text_sources.read_documents('pydoc')[:200]
+  trained = tokenizer.train_tokenizer('wordpiece' if kind == 'bert' else 'bpe', documents,
+                                      vocab_size=300, objective=objective)
+  (tmp_path / 'hf').mkdir()
+  trained.save(tmp_path / 'hf' / 'tokenizer.json')
+  write_hf_files(tmp_path / 'too_small', kind)  # 40 embeddings: the ids would overflow.
+  too_small = subprocess.run(
+      [sys.executable, '-m', 'ssl_jax.convert', f'--kind={kind}',
+       f'--weights={tmp_path / "too_small" / "model.safetensors"}',
+       f'--tokenizer={tmp_path / "hf" / "tokenizer.json"}', f'--out={tmp_path / "small"}'],
+      capture_output=True, text=True, timeout=300)
+  assert too_small.returncode == 0, too_small.stderr[-3000:]
+  write_hf_files(tmp_path / 'hf', kind, vocab_size=trained.vocab_size)
+  imported = run_cli(f'--kind={kind}', f'--weights={tmp_path / "hf" / "model.safetensors"}',
+                     f'--out={tmp_path / "export"}')
+  assert imported.returncode == 0, imported.stderr[-3000:]
+  assert (tmp_path / 'export' / 'tokenizer.json').read_text() == trained.to_json()
+  probe = subprocess.run(
+      [sys.executable, '-m', 'ssl_jax.probe', f'--export={tmp_path / "export"}',
+       '--config=configs/probe.py:lm', '--config.data.source=pydoc',
+       '--config.data.val_fraction=0.02'],
+      cwd=runner.REPO, env=runner.child_env(), capture_output=True, text=True, timeout=300)
+  assert probe.returncode == 0, probe.stderr[-3000:]
+  scores = json.loads(probe.stdout.strip().splitlines()[-1])
+  assert scores['method'] == hf_configs.METHOD_OF[kind] and scores['tokens'] > 0
+  assert math.isfinite(scores['val_loss']) and scores['perplexity'] == pytest.approx(
+      math.exp(scores['val_loss']))
+  assert scores['uniform_loss'] == pytest.approx(math.log(trained.vocab_size))
+  if kind == 'bert':
+    assert 0.0 <= scores['masked_accuracy'] <= 1.0
+  back = run_cli(f'--source={tmp_path / "export"}', f'--out={tmp_path / "back"}')
+  assert back.returncode == 0 and (tmp_path / 'back' / 'tokenizer.json').exists(), back.stderr
+  mismatch = subprocess.run(
+      [sys.executable, '-m', 'ssl_jax.probe', f'--export={tmp_path / "small"}',
+       '--config=configs/probe.py:lm', '--config.data.source=pydoc'],
+      cwd=runner.REPO, env=runner.child_env(), capture_output=True, text=True, timeout=300)
+  assert mismatch.returncode != 0 and 'not the tokenizer it was trained with' in mismatch.stderr

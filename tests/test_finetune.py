@@ -191,6 +191,7 @@ def test_eight_devices_match_one_with_mixing_drop_path_and_layer_decay(tmp_path)
   def config_for(mesh_shape):
     config = finetune_config.get_config('local')
     config.model.update(dict(encoder_from=str(shape_only_export_dir), drop_path_rate=0.5))
+    config.augment.update(dict(mixup=0.8, cutmix=1.0))  # The recipe's; :local turns them off.
     config.data.batch_size = test_sharded_step.BATCH
     config.optim.update(dict(schedule='constant', lr=test_sharded_step.LR))
     config.mesh.update(mesh_shape)

@@ -70,7 +70,7 @@ def test_one_lars_step_matches_mae_lars():
   y = rng.integers(0, 4, size=32)
   init = {'kernel': rng.normal(size=(6, 4)) * 0.01, 'bias': rng.normal(size=4) * 0.1}
   block = probe_config('mae').eval.linear_probe
-  block.update(dict(epochs=1, warmup_epochs=0.0, weight_decay=1e-4))
+  block.update(dict(epochs=1, min_steps=0, warmup_epochs=0.0, weight_decay=1e-4))
   params, batch, steps = linear_probe.fit_protocol_head(x, y, 4, block, init=init)
   assert (batch, steps) == (32, 1)
   lr = block.lr * 32 / 256  # Linear scaling, at the (capped) batch; cosine at step 0 = peak.
@@ -90,7 +90,7 @@ def test_two_sgd_steps_match_torch_sgd_momentum():
   y = rng.integers(0, 3, size=16)
   init = {'kernel': np.zeros((3, 3)), 'bias': np.zeros(3)}
   block = probe_config('simclr').eval.linear_probe
-  block.update(dict(epochs=2, batch_size=16))
+  block.update(dict(epochs=2, min_steps=0, batch_size=16))
   params, _, steps = linear_probe.fit_protocol_head(x, y, 3, block, init=init)
   assert steps == 2
   peak = 0.1 * 16 / 256
@@ -104,11 +104,18 @@ def test_two_sgd_steps_match_torch_sgd_momentum():
   np.testing.assert_allclose(params['bias'], bias, rtol=1e-4, atol=1e-7)
 
 
-def test_batch_is_capped_at_the_train_split():
+def test_batch_is_capped_at_the_train_split_and_steps_kept_at_the_reference():
+  """(batch, steps per epoch, epochs, warmup): min_steps adds epochs; warmup keeps its share."""
   block = probe_config('mae').eval.linear_probe
-  assert linear_probe.probe_steps(1437, block) == (1437, 1, 10)
+  assert linear_probe.probe_steps(1_281_167, block) == (16384, 78, 90, 780)  # 7020 steps.
+  assert linear_probe.probe_steps(1437, block) == (1437, 1, 7020, 780)
   block.batch_size = 256
-  assert linear_probe.probe_steps(1437, block) == (256, 5, 50)
+  assert linear_probe.probe_steps(1437, block) == (256, 5, 1404, 780)
+  block.min_steps = 0
+  assert linear_probe.probe_steps(1437, block) == (256, 5, 90, 50)
+  # CIFAR-10: 97 whole batches an epoch here; the reference's 9,766 steps count the partial
+  # ones (50,000 x 100 // 512 + 1), so one more epoch tops the run up.
+  assert linear_probe.probe_steps(50_000, probe_config('simclr').eval.linear_probe)[2] == 101
 
 
 def test_variants_hold_the_reference_values():
@@ -260,16 +267,19 @@ def test_trained_mae_export_beats_random_init(mae_workdir):
   for key in ('knn_top1', 'linear_top1', 'knn_seconds', 'linear_seconds'):
     assert key in trained and key in random
   assert trained['knn_top1'] > random['knn_top1'] + 0.05, (trained, random)
-  assert trained['linear_top1'] > random['linear_top1'] + 0.03, (trained, random)
-  assert trained['linear_top1'] > 0.2  # Chance is 0.1.
+  # The digits are nearly linearly separable from a random ViT's features (0.94
+  # at :local scale), so the linear probe must converge, not beat it by much.
+  assert trained['linear_top1'] > 0.85 and trained['linear_steps'] == 7020, trained
 
 
 @pytest.mark.slow
 def test_dino_protocol_on_an_export_path(mae_workdir):
   """--export alone; the DINO protocol's last-4 [CLS] on a 4-block ViT."""
   result = last_json(run_probe(f'--export={mae_workdir / "export"}',
-                               '--config=configs/probe.py:dino'))
-  assert result['feature_dim'] == 4 * 128 and result['linear_top1'] > 0.4
+                               '--config=configs/probe.py:dino',
+                               '--config.eval.linear_probe.min_steps=5000'))  # Not 125,200.
+  assert result['feature_dim'] == 4 * 128 and result['linear_steps'] == 5000
+  assert result['linear_top1'] > 0.4
   assert (mae_workdir / 'export' / 'probe.json').exists()
 
 

@@ -11,6 +11,8 @@ SimCLR or DINO protocol (configs/probe.py) with its optimizer, batch, epochs
 and schedule from `ssl_jax.optim`, on precomputed frozen features.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -79,16 +81,23 @@ def protocol_optim(block: ml_collections.ConfigDict) -> ml_collections.ConfigDic
                       momentum=block.momentum, trust_coefficient=block.trust_coefficient)
 
 
-def probe_steps(num_train: int, block: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(batch size, steps per epoch, warmup steps): the batch is capped at the train split.
+def probe_steps(num_train: int, block: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
+  """(batch size, steps per epoch, epochs, warmup steps) of the protocol on `num_train` rows.
 
-  The incomplete last batch of an epoch is dropped, as MAE's train loader
-  does (main_linprobe.py line 178, `drop_last=True`); DINO's keeps it
-  (eval_linear.py line 93): less than one batch an epoch apart.
+  The batch is capped at the train split. The incomplete last batch of an
+  epoch is dropped, as MAE's train loader does (main_linprobe.py line 178,
+  `drop_last=True`); DINO's keeps it (eval_linear.py line 93): less than one
+  batch an epoch apart. `min_steps` raises the number of epochs until the
+  head takes at least that many steps (the protocols set it to the
+  reference's step count on its own dataset, so a small split is not
+  trained for a hundredth of the reference's updates); the warmup stays the
+  same fraction of the run.
   """
   batch = min(int(block.batch_size), num_train)
   steps_per_epoch = num_train // batch
-  return batch, steps_per_epoch, int(round(block.warmup_epochs * steps_per_epoch))
+  epochs = max(int(block.epochs), math.ceil(int(block.get('min_steps') or 0) / steps_per_epoch))
+  warmup = int(round(block.warmup_epochs * steps_per_epoch * epochs / int(block.epochs)))
+  return batch, steps_per_epoch, epochs, warmup
 
 
 def protocol_linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
@@ -123,40 +132,49 @@ def fit_protocol_head(features: np.ndarray, labels: np.ndarray, num_classes: int
 
   `init` (default: kernel ~ N(0, head_init_std), bias 0) starts the head.
   """
-  batch, steps_per_epoch, warmup = probe_steps(len(features), block)
-  total = steps_per_epoch * int(block.epochs)
+  batch, steps_per_epoch, epochs, warmup = probe_steps(len(features), block)
+  total = steps_per_epoch * epochs
   optim = protocol_optim(block)
   optim.warmup_steps = warmup
   schedule = optim_lib.learning_rate_schedule(
       optim, optim_lib.peak_learning_rate(optim, batch), total)
   tx = optim_lib.build_optimizer(optim, schedule)
-  rng = np.random.default_rng(block.seed)
-  # The reference reshuffles every epoch (DistributedSampler / RandomSampler).
-  order = np.concatenate([rng.permutation(len(features))[:steps_per_epoch * batch]
-                          for _ in range(int(block.epochs))]).reshape(total, batch)
   if init is None:
+    rng = np.random.default_rng(block.seed)
     init = {'kernel': rng.normal(size=(features.shape[1], num_classes)) * block.head_init_std,
             'bias': np.zeros(num_classes)}
   params = {name: jnp.asarray(value, jnp.float32) for name, value in init.items()}
   params = _fit_head(params, tx, jnp.asarray(features, jnp.float32), jnp.asarray(labels),
-                     jnp.asarray(order), num_classes)
+                     jax.random.key(block.seed), num_classes, epochs=epochs, batch=batch)
   return params, batch, total
 
 
 def _fit_head(params: dict, tx: optax.GradientTransformation, features: jax.Array,
-              labels: jax.Array, order: jax.Array, num_classes: int) -> dict:
-  """Mini-batch cross-entropy training of the head, one step per row of `order`."""
+              labels: jax.Array, key: jax.Array, num_classes: int, *, epochs: int,
+              batch: int) -> dict:
+  """Mini-batch cross-entropy training of the head: `epochs` passes in a fresh order each.
+
+  The reference reshuffles every epoch (DistributedSampler / RandomSampler);
+  the orders are drawn on device, one epoch at a time.
+  """
+  steps_per_epoch = features.shape[0] // batch
+
   def loss(params, rows):
     logits = features[rows] @ params['kernel'] + params['bias']  # (B, classes)
     return optax.softmax_cross_entropy(logits, jax.nn.one_hot(labels[rows], num_classes)).mean()
 
-  @jax.jit
-  def fit(params, order):
-    def step(carry, rows):
-      params, opt_state = carry
-      updates, opt_state = tx.update(jax.grad(loss)(params, rows), opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), None
-    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), order)
-    return params
+  def step(carry, rows):
+    params, opt_state = carry
+    updates, opt_state = tx.update(jax.grad(loss)(params, rows), opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), None
 
-  return fit(params, order)
+  def epoch(carry, epoch_key):
+    order = jax.random.permutation(epoch_key, features.shape[0])
+    order = order[:steps_per_epoch * batch].reshape(steps_per_epoch, batch)
+    return jax.lax.scan(step, carry, order)[0], None
+
+  @jax.jit
+  def fit(params, keys):
+    return jax.lax.scan(epoch, (params, tx.init(params)), keys)[0][0]
+
+  return fit(params, jax.random.split(key, epochs))
