@@ -280,3 +280,17 @@ def test_imported_language_model_is_probed_on_text(tmp_path, kind):
        '--config=configs/probe.py:lm', '--config.data.source=pydoc'],
       cwd=runner.REPO, env=runner.child_env(), capture_output=True, text=True, timeout=300)
   assert mismatch.returncode != 0 and 'not the tokenizer it was trained with' in mismatch.stderr
+
+
+def test_imported_vit_mae_is_probed_on_images(tmp_path):
+  """A converted ViT-MAE export (3 channels, 16 px) is scored on the 1-channel 8 px digits."""
+  write_hf_files(tmp_path / 'hf', 'vit_mae')
+  convert.import_hf('vit_mae', tmp_path / 'hf' / 'model.safetensors', tmp_path / 'export')
+  probe = subprocess.run(
+      [sys.executable, '-m', 'ssl_jax.probe', f'--export={tmp_path / "export"}',
+       '--config=configs/probe.py:knn', '--config.data.source=digits'],
+      cwd=runner.REPO, env=runner.child_env(), capture_output=True, text=True, timeout=300)
+  assert probe.returncode == 0, probe.stderr[-3000:]
+  scores = json.loads(probe.stdout.strip().splitlines()[-1])
+  assert (scores['method'], scores['feature_dim'], scores['num_train']) == ('mae', 32, 1437)
+  assert 0.1 < scores['knn_top1'] <= 1.0  # Random weights, yet above chance on digits.
