@@ -16,6 +16,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
+from tests.text_fixtures import run_dir  # noqa: E402, F401  (a fixture of the text-data tests)
+
 # grain's multiprocess prefetch reads absl flags; tests run without app.run.
 flags.FLAGS.mark_as_parsed()
 

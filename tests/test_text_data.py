@@ -11,23 +11,7 @@ from ssl_jax import checkpoint
 from ssl_jax.data import masking, text, text_sources
 from ssl_jax.errors import DataError
 from tests.data_fixtures import assert_batches_equal, take
-from tests.text_fixtures import text_config
-
-CHAR = dict(tokenizer='char', objective='causal_lm')
-WORDPIECE = dict(tokenizer='wordpiece', vocab_size=1000, objective='masked_lm')
-
-
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  """One workdir per tokenizer kind: each is trained once, then reused from tokenizer.json."""
-  dirs = {}
-
-  def workdir(data) -> str:
-    if data.tokenizer not in dirs:
-      dirs[data.tokenizer] = str(tmp_path_factory.mktemp(data.tokenizer))
-    return dirs[data.tokenizer]
-
-  return workdir
+from tests.text_fixtures import CHAR, WORDPIECE, text_config
 
 
 def within(observed: float, expected: float, count: int, sigmas: float = 5.0) -> bool:

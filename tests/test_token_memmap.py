@@ -10,23 +10,7 @@ import pytest
 
 from ssl_jax.data import pipeline, text, text_sources, token_store
 from tests.data_fixtures import assert_batches_equal, take
-from tests.text_fixtures import text_config
-
-CHAR = dict(tokenizer='char', objective='causal_lm')
-WORDPIECE = dict(tokenizer='wordpiece', vocab_size=1000, objective='masked_lm')
-
-
-@pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  """One workdir per tokenizer kind, so each tokenizer is trained once."""
-  dirs = {}
-
-  def workdir(data) -> str:
-    if data.tokenizer not in dirs:
-      dirs[data.tokenizer] = str(tmp_path_factory.mktemp(data.tokenizer))
-    return dirs[data.tokenizer]
-
-  return workdir
+from tests.text_fixtures import CHAR, WORDPIECE, text_config
 
 
 def in_memory_stream(tokenizer, documents: list[str], separator: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Shared helpers of the text-data tests: a small `config.data` for text runs."""
 
 import ml_collections
+import pytest
 
 
 def text_config(**overrides) -> ml_collections.ConfigDict:
@@ -10,3 +11,20 @@ def text_config(**overrides) -> ml_collections.ConfigDict:
               num_workers=0, prefetch=0)
   data.update(overrides)
   return ml_collections.ConfigDict(data)
+
+
+CHAR = dict(tokenizer='char', objective='causal_lm')
+WORDPIECE = dict(tokenizer='wordpiece', vocab_size=1000, objective='masked_lm')
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+  """One workdir per tokenizer kind: each is trained once, then reused from tokenizer.json."""
+  dirs = {}
+
+  def workdir(data) -> str:
+    if data.tokenizer not in dirs:
+      dirs[data.tokenizer] = str(tmp_path_factory.mktemp(data.tokenizer))
+    return dirs[data.tokenizer]
+
+  return workdir
