@@ -92,7 +92,10 @@ class MetricWriter:
 
 
 # Dense bfloat16 peak FLOP/s per device, by `jax.Device.device_kind`, for MFU.
-# From the vendors' spec sheets (no sparsity); unknown kinds (CPUs) get no MFU.
+# From the vendors' spec sheets (no sparsity); unknown kinds (CPUs) get no MFU:
+# cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e ("peak compute per chip (bf16)");
+# nvidia.com/en-us/data-center/a100/ and /h100/ (BF16 Tensor Core, half of the
+# "with sparsity" figure: 312 and 989 TFLOPS); the H200 has the H100's compute.
 PEAK_FLOPS = {
     'TPU v4': 275e12,
     'TPU v5 lite': 197e12,

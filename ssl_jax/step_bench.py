@@ -122,23 +122,26 @@ def peak_flops_per_device() -> tuple[float, str]:
   """(peak FLOP/s of one device, where it comes from): the spec sheet, else a measured matmul.
 
   Accelerators: the dense bfloat16 peak of `metrics.PEAK_FLOPS`. Other
-  devices (CPUs, unknown GPUs): the best FLOP/s of a jitted float32 matmul
-  measured now, so MFU reads as a share of what this machine's XLA reaches.
+  devices: the best FLOP/s of a jitted matmul measured now (float32 on a
+  CPU, bfloat16 on an accelerator of unknown kind), so MFU reads as a share
+  of what this machine's XLA reaches.
   """
   device = jax.devices()[0]
   if device.device_kind in PEAK_FLOPS:
     return PEAK_FLOPS[device.device_kind], f'{device.device_kind} bf16 spec sheet'
-  best, size = matmul_ceiling()
-  return best, f'measured f32 matmul {size}x{size} on {device.device_kind or device.platform}'
+  dtype = jnp.float32 if device.platform == 'cpu' else jnp.bfloat16
+  best, size = matmul_ceiling(dtype=dtype)
+  return best, (f'measured {jnp.dtype(dtype).name} matmul {size}x{size} on '
+                f'{device.device_kind or device.platform}')
 
 
-def matmul_ceiling(sizes: tuple[int, ...] = (256, 512, 1024, 2048),
-                   repeats: int = 5) -> tuple[float, int]:
-  """(best FLOP/s, its size) of a jitted float32 (n, n) @ (n, n) on the default device."""
+def matmul_ceiling(sizes: tuple[int, ...] = (256, 512, 1024, 2048), repeats: int = 5,
+                   dtype: Any = jnp.float32) -> tuple[float, int]:
+  """(best FLOP/s, its size) of a jitted (n, n) @ (n, n) of `dtype` on the default device."""
   matmul = jax.jit(jnp.matmul)
   best, best_size = 0.0, 0
   for size in sizes:
-    a = jax.random.normal(jax.random.key(size), (size, size), jnp.float32)
+    a = jax.random.normal(jax.random.key(size), (size, size), dtype)
     matmul(a, a).block_until_ready()  # Compile.
     seconds = []
     for _ in range(repeats):
