@@ -85,8 +85,9 @@ def xla_flops(compiled: Any) -> float | None:
   """FLOPs of one step by XLA's HloCostAnalysis of the compiled executable, over all devices.
 
   The analysis is of one device's (SPMD-partitioned) program, so it is
-  multiplied by the device count. A `lax.scan` body (gradient accumulation)
-  is counted once by XLA, not once per iteration.
+  multiplied by the device count. A `lax.scan` body is counted once, not once
+  per iteration (checked: a 4-step scan of a matmul counts one matmul), so
+  with `train.grad_accum_steps` k the count is about one micro-batch's.
   """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # Older jax: one dict per computation.
@@ -160,9 +161,12 @@ def matmul_ceiling(sizes: tuple[int, ...] = (256, 512, 1024, 2048), repeats: int
 def summary(name: str, times: StepTimes, peak: float, peak_source: str) -> dict[str, Any]:
   """The benchmark's results as a flat dict (the JSON line)."""
   config, median = times.config, float(np.median(times.step_s))
-  devices = jax.device_count()
-  # MFU counts the model's FLOPs (PaLM's definition); XLA's count stands in when unknown.
-  useful = times.model_flops if times.model_flops else times.xla_flops
+  devices, accum = jax.device_count(), config.train.grad_accum_steps
+  # MFU counts the model's FLOPs (PaLM's definition); XLA's count stands in when unknown,
+  # scaled by the micro-batches its cost analysis saw once (see `xla_flops`).
+  useful = times.model_flops or (times.xla_flops and times.xla_flops * accum)
+  source = 'model (analytic)' if times.model_flops else (
+      'xla' if accum == 1 else f'xla x grad_accum_steps {accum}')
   achieved = useful / median / devices if useful else None
   return {
       'config': name, 'method': config.method,
@@ -181,7 +185,7 @@ def summary(name: str, times: StepTimes, peak: float, peak_source: str) -> dict[
       'flops_per_s_per_device': achieved,
       'peak_flops_per_device': peak, 'peak_source': peak_source,
       'mfu': achieved / peak if achieved else None,
-      'mfu_flops': 'model (analytic)' if times.model_flops else 'xla',
+      'mfu_flops': source, 'grad_accum_steps': accum,
       'input_wait_fraction': float(times.input_s.sum() / times.step_s.sum()),
       **times.memory,
   }

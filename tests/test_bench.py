@@ -65,6 +65,15 @@ def test_bench_of_a_tiny_gpt(tmp_path):
   check_results(results, (0.9, 1.6))
 
 
+def test_bench_runs_the_accumulating_step(tmp_path):
+  # The trainer's step with 2 micro-batches: XLA's cost analysis counts the lax.scan body
+  # once, so its FLOPs are about half the analytic count of the whole batch.
+  results = run_bench(tmp_path, 'configs/gpt.py:local', *GPT_TINY,
+                      '--config.train.grad_accum_steps=2')
+  assert results['grad_accum_steps'] == 2
+  assert 0.4 <= results['flops_per_step'] / results['model_flops_per_step'] <= 0.8
+
+
 def test_bench_refuses_an_unknown_config_key(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'ssl_jax.bench', '--config=configs/gpt.py:local',
