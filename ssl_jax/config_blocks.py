@@ -47,6 +47,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       init_from=placeholder(str),        # A workdir or export/ whose weights start a fresh run.
       max_nonfinite_steps=10,            # Consecutive skipped (NaN/Inf) steps before the run stops.
       grad_accum_steps=1,                # Micro-batches per step (one update), same result.
+      profile_steps=0,                   # >0: a profiler trace of that many steps, in profile/.
   ), overrides, 'config.train')
 
 

@@ -92,7 +92,10 @@ class MetricWriter:
 
 
 # Dense bfloat16 peak FLOP/s per device, by `jax.Device.device_kind`, for MFU.
-# From the vendors' spec sheets (no sparsity); unknown kinds (CPUs) get no MFU.
+# From the vendors' spec sheets (no sparsity); unknown kinds (CPUs) get no MFU:
+# cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e ("peak compute per chip (bf16)");
+# nvidia.com/en-us/data-center/a100/ and /h100/ (BF16 Tensor Core, half of the
+# "with sparsity" figure: 312 and 989 TFLOPS); the H200 has the H100's compute.
 PEAK_FLOPS = {
     'TPU v4': 275e12,
     'TPU v5 lite': 197e12,
@@ -123,16 +126,28 @@ class Progress:
     self._last_time = time.perf_counter()
     self._last_step = start_step
     self._elapsed = 0.0
+    self._input_seconds = 0.0
     self._first_line = True
 
+  def waited_for_input(self, seconds: float) -> None:
+    """Adds host time spent getting a batch (next(data_iter) + put_batch) to this window."""
+    self._input_seconds += seconds
+
   def rates(self, step: int) -> dict[str, float]:
-    """Steps/s and units/s since the previous call."""
+    """Steps/s, units/s, model FLOP/s (MFU) and the input-wait share since the previous call.
+
+    `input_wait` is the share of the window's wall time the host spent
+    getting batches (`waited_for_input`); with asynchronous dispatch part of
+    it overlaps the device's work, so it bounds the time lost to input.
+    """
     now = time.perf_counter()
     self._elapsed = now - self._last_time
     steps_per_sec = (step - self._last_step) / max(self._elapsed, 1e-9)
     self._last_time, self._last_step = now, step
     rates = {'steps_per_sec': steps_per_sec,
-             f'{self.unit}_per_sec': steps_per_sec * self.units_per_step}
+             f'{self.unit}_per_sec': steps_per_sec * self.units_per_step,
+             'input_wait': self._input_seconds / max(self._elapsed, 1e-9)}
+    self._input_seconds = 0.0
     if self.flops_per_step:
       per_device = steps_per_sec * self.flops_per_step / self.num_devices
       rates['tflops_per_sec_per_device'] = per_device / 1e12
@@ -156,7 +171,8 @@ class Progress:
       flops = f' | {scalars["tflops_per_sec_per_device"] * 1e3:.1f} GFLOP/s/device'
     return (f'step {step}/{self.total_steps} | loss {scalars["loss"]:.4f} | '
             f'lr {scalars["lr"]:.3g} | {steps_per_sec:.2f} steps/s | '
-            f'{scalars[f"{self.unit}_per_sec"]:.0f} {self.unit}/s{flops} | ETA {eta_text}')
+            f'{scalars[f"{self.unit}_per_sec"]:.0f} {self.unit}/s{flops} | '
+            f'input wait {100 * scalars.get("input_wait", 0.0):.1f}% | ETA {eta_text}')
 
 
 def log_line(text: str) -> None:

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import json
 import signal
+import time
 from typing import Any
 
 import jax
@@ -39,6 +40,7 @@ from ssl_jax.eval import registry
 from ssl_jax.eval.evaluator import Evaluator
 from ssl_jax.methods.base import Method
 from ssl_jax.metrics import MetricWriter, Progress, log_line
+from ssl_jax.profiling import StepProfiler
 from ssl_jax.train_step import NonFiniteGuard, check_grad_accum, make_train_step, window_scalars
 
 TrainState = dict[str, Any]
@@ -288,14 +290,19 @@ def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
   stop = StopSignal(sigterm=not checkpoint.jax_catches_sigterm())
   guard = NonFiniteGuard(config.train.max_nonfinite_steps)
   pending, batch, first_step = [], None, step + 1
+  profiler = StepProfiler(job.workdir / 'profile', first_step, config.train.get('profile_steps'))
   if step < total:
     log_line(f'Compiling the train step (step {step})...')
   try:
     while step < total:
+      profiler.before(step + 1)
+      fetch_start = time.perf_counter()
       batch = sharding.put_batch(next(job.data_iter), job.mesh)
+      progress.waited_for_input(time.perf_counter() - fetch_start)
       state, metrics = job.train_step(state, batch, job.rng)
       pending.append(metrics)
       step += 1
+      profiler.after(step, state)
       guard.watch(step, metrics)
       if step % config.train.log_every == 0 or step == total or step == first_step:
         guard.flush()
@@ -324,6 +331,7 @@ def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
     guard.flush()
   finally:
     stop.restore()
+    profiler.close()
   return state, batch, False
 
 

@@ -46,10 +46,14 @@ def test_progress_line(monkeypatch):
   scalars = {'loss': 0.5, 'lr': 1e-3, **progress.rates(1)}
   assert progress.line(1, scalars) == (
       'step 1/1000 | loss 0.5000 | lr 0.001 | compiled and ran in 10.0 s')
+  progress.waited_for_input(0.5)  # 0.5 s of the window's 10 s spent getting batches.
+  progress.waited_for_input(0.25)
   scalars = {'loss': 0.25, 'lr': 2e-3, **progress.rates(101)}
   assert scalars['steps_per_sec'] == 10.0 and scalars['images_per_sec'] == 1280.0
+  assert scalars['input_wait'] == 0.075
   assert progress.line(101, scalars) == (
-      'step 101/1000 | loss 0.2500 | lr 0.002 | 10.00 steps/s | 1280 images/s | ETA 0:01:30')
+      'step 101/1000 | loss 0.2500 | lr 0.002 | 10.00 steps/s | 1280 images/s | '
+      'input wait 7.5% | ETA 0:01:30')
 
 
 def test_progress_reports_model_flops_and_mfu(monkeypatch):

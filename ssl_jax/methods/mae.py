@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssl_jax import losses
+from ssl_jax import flops, losses
 from ssl_jax.data.normalize import denormalize, normalize
 from ssl_jax.methods.base import Batch, Method, Metrics
 from ssl_jax.models.initializers import partitioned, xavier_uniform
@@ -132,6 +132,10 @@ class MAE(Method):
     target = losses.patchify(images, self.config.model.patch_size)
     loss = losses.mae_loss(pred, target, mask, self.config.model.norm_pix_loss)
     return loss, {'mask_fraction': mask.mean()}
+
+  def train_flops_per_example(self) -> float:
+    """Model FLOPs of one image's step, for MFU (`ssl_jax.flops.mae_train_flops`)."""
+    return flops.mae_train_flops(self.config)
 
   def encoder(self, model: MAEModel) -> ViT:
     """The ViT encoder, without the decoder."""

@@ -1,0 +1,103 @@
+r"""Benchmarks a config's real train step: step time, throughput, FLOPs, MFU, input wait.
+
+  python -m ssl_jax.bench --config=configs/X.py[:VARIANT] [--warmup_steps=3 --steps=10] \
+      [--config.KEY=VALUE ...]
+
+Builds the trainer's step (`ssl_jax.step_bench`: same data, optimizer,
+shardings and jitted step as `ssl_jax.main`) in a temporary workdir that is
+removed afterwards, compiles it apart, runs the warm-up and measured steps
+and prints a table; the last stdout line is the same as JSON (`step_time_s`,
+`flops_per_step`, `mfu`, ...). MFU is the model's analytic FLOPs over the
+device's dense bf16 peak (`metrics.PEAK_FLOPS`), or, on a CPU, over the best
+float32 matmul rate measured in the same run.
+"""
+
+import json
+import math
+import sys
+import tempfile
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ssl_jax import cli
+from ssl_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, optionally with a variant: configs/mae_vit.py:local.',
+    lock_config=True)
+_WARMUP_STEPS = flags.DEFINE_integer('warmup_steps', 3, 'Steps run before timing (not counted).')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
+flags.mark_flags_as_required(['config'])
+
+USAGE = ('python -m ssl_jax.bench --config=configs/X.py[:VARIANT] [--warmup_steps=N] '
+         '[--steps=N] [--config.KEY=VALUE ...]')
+
+
+def _si(value: float | None, unit: str = '') -> str:
+  """1.23e12 -> '1.23 T' + unit; None -> 'n/a'."""
+  if value is None or not math.isfinite(value):
+    return 'n/a'
+  for scale, prefix in ((1e15, 'P'), (1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+    if abs(value) >= scale:
+      return f'{value / scale:.3g} {prefix}{unit}'
+  return f'{value:.3g} {unit}'
+
+
+def table(results: dict[str, Any]) -> list[str]:
+  """The human-readable lines of `results`."""
+  r = results
+  ratio = (r['flops_per_step'] / r['model_flops_per_step']
+           if r['flops_per_step'] and r['model_flops_per_step'] else None)
+  rows = [
+      ('config', f"{r['config']} ({r['method']}, batch {r['batch_size']}, {r['devices']} x "
+                 f"{r['device_kind'] or r['platform']})"),
+      ('compile', f"{r['compile_s']:.2f} s"),
+      ('step time', f"median {1e3 * r['step_time_s']:.1f} ms (p10 {1e3 * r['step_time_p10_s']:.1f}"
+                    f", p90 {1e3 * r['step_time_p90_s']:.1f}, min {1e3 * r['step_time_min_s']:.1f}"
+                    f", max {1e3 * r['step_time_max_s']:.1f}) over {r['steps']} steps"),
+      ('throughput', f"{r['examples_per_s']:.1f} examples/s"
+                     + (f", {r['tokens_per_s']:.0f} tokens/s" if 'tokens_per_s' in r else '')),
+      ('FLOPs / step', f"XLA {_si(r['flops_per_step'])}, analytic {_si(r['model_flops_per_step'])}"
+                       + (f' (XLA / analytic {ratio:.2f})' if ratio else '')
+                       + (f"; XLA saw one of {r['grad_accum_steps']} micro-batches"
+                          if r['grad_accum_steps'] > 1 else '')),
+      ('achieved', f"{_si(r['flops_per_s_per_device'], 'FLOP/s')} per device "
+                   f"({r['mfu_flops']} FLOPs)"),
+      ('peak', f"{_si(r['peak_flops_per_device'], 'FLOP/s')} ({r['peak_source']})"),
+      ('MFU', 'n/a' if r['mfu'] is None else f"{100 * r['mfu']:.1f}%"),
+      ('input wait', f"{100 * r['input_wait_fraction']:.1f}% of step time"),
+      ('peak memory', f"{_si(r['peak_memory_bytes'], 'B')} ({r['peak_memory_source']})"),
+  ]
+  return [f'{name:>13} | {value}' for name, value in rows]
+
+
+def bench(config, name: str, warmup_steps: int, steps: int) -> dict[str, Any]:
+  """Times `config`'s train step in a temporary workdir; returns the results dict."""
+  from ssl_jax import step_bench  # After flag parsing: a bad flag costs no jax start-up.
+  if steps < 1 or warmup_steps < 0:
+    raise UserError(f'--steps={steps} must be >= 1 and --warmup_steps={warmup_steps} >= 0')
+  with tempfile.TemporaryDirectory(prefix='ssl_jax_bench_') as workdir:
+    times = step_bench.time_train_step(config, workdir, warmup_steps=warmup_steps, steps=steps)
+  peak, source = step_bench.peak_flops_per_device()
+  return step_bench.summary(name, times, peak, source)
+
+
+def main(argv: list[str]) -> None:
+  """Runs the benchmark; prints the table, then the JSON line last."""
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}')
+  cli.quiet_logging()
+  name = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--config='))
+  try:
+    results = bench(_CONFIG.value, name, _WARMUP_STEPS.value, _STEPS.value)
+  except UserError as e:
+    sys.exit(f'error: {e}')
+  for line in table(results):
+    print(line, flush=True)
+  print(json.dumps(results), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=lambda argv: cli.parse_config_flags(argv, USAGE))
