@@ -96,9 +96,9 @@ def whole_batch_run(kind: str):
 
 
 @pytest.mark.parametrize('kind,k,mesh_shape', [
-    ('mae', 2, ONE_DEVICE), ('mae', 4, ONE_DEVICE),
-    ('gpt', 2, ONE_DEVICE), ('gpt', 4, ONE_DEVICE),
-    ('bert', 4, ONE_DEVICE),
+    ('mae', 2, ONE_DEVICE), pytest.param('mae', 4, ONE_DEVICE, marks=pytest.mark.slow),
+    ('gpt', 2, ONE_DEVICE), pytest.param('gpt', 4, ONE_DEVICE, marks=pytest.mark.slow),
+    pytest.param('bert', 4, ONE_DEVICE, marks=pytest.mark.slow),
     ('gpt', 2, dict(data=4, fsdp=2, tensor=1)),  # Micro-batches of 8 over all 8 devices.
 ], ids=['mae-k2', 'mae-k4', 'gpt-k2', 'gpt-k4', 'bert-k4', 'gpt-k2-data4-fsdp2'])
 def test_accumulated_steps_equal_the_whole_batch(kind, k, mesh_shape):
@@ -135,6 +135,7 @@ def test_accumulation_is_refused_where_it_would_change_the_objective():
     check_grad_accum(config, methods.method_class(config), mesh)
 
 
+@pytest.mark.slow
 def test_accumulation_from_the_command_line(tmp_path):
   refused = runner.run_main(tmp_path / 'simclr', '--config.train.grad_accum_steps=2',
                             config='configs/simclr_resnet.py:local')

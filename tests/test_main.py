@@ -76,7 +76,10 @@ SHORT = ('--config.train.steps=8', '--config.train.log_every=4', '--config.train
          '--config.eval.random_init_baseline=False', '--config.optim.warmup_steps=2')
 
 
-@pytest.mark.parametrize('config', ['mae_vit', 'simclr_resnet', 'dino_vit'])
+# SimCLR's and DINO's are slow-marked: their full :local runs (slow) cover the same path.
+@pytest.mark.parametrize('config', [
+    'mae_vit', pytest.param('simclr_resnet', marks=pytest.mark.slow),
+    pytest.param('dino_vit', marks=pytest.mark.slow)])
 def test_image_method_runs_end_to_end(tmp_path, config):
   """Progress, metrics, pictures, TensorBoard, checkpoint and an export that reloads.
 

@@ -119,6 +119,7 @@ def test_two_processes_of_4_devices_match_one_process_of_8_gpt(tmp_path):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_orbax_preemption_step(tmp_path):
   """A preemption notice to one host: every host saves the same step and exits cleanly.
 
