@@ -61,7 +61,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       mask_ratio=0.75,
       norm_pix_loss=True,
       dtype='bfloat16',            # Compute dtype; parameters stay float32.
-      remat=False,
+      remat='none',                 # Or 'full', 'dots', ... (ssl_jax/models/remat.py).
   ))
 
   config.optim = optim_config(
