@@ -81,3 +81,16 @@ def test_dry_run_of_a_view_method_and_its_refusals(tmp_path):
                    config='configs/simclr_resnet.py:local'),
       cwd=REPO, env=child_env(devices=8), capture_output=True, text=True, timeout=300)
   assert result.returncode == 1 and 'grad_accum_steps=2' in result.stderr
+
+
+def test_big_variants_have_the_reference_sizes():
+  """gpt.py:xl is GPT-2 XL and mae_vit.py:vit_h is ViT-H/14, counted without allocating them.
+
+  Hugging Face gpt2-xl has 1,557,611,200 parameters; ViT-H/14 ~630M (632M
+  with its classifier, Dosovitskiy et al. 2021 Table 1).
+  """
+  assert expected_params(gpt.get_config('xl'), {}) == 1_557_611_200
+  config = mae_vit.get_config('vit_h')
+  assert (config.model.patch_size, config.model.width, config.model.depth,
+          config.model.num_heads, config.model.mlp_dim) == (14, 1280, 32, 16, 5120)
+  assert expected_params(config, {}) == 656_613_964  # Encoder 630,435,840 + decoder.
