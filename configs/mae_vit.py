@@ -4,7 +4,7 @@ Variants (`--config=configs/mae_vit.py:VARIANT`):
   (none)  the paper recipe: ViT-B/16, 224 px, ImageNet-1k, batch 4096, 800 epochs.
   vit_l   ViT-L/16, otherwise the paper recipe (the paper's best runs use 1600 epochs).
   vit_h   ViT-H/14 (632M encoder), otherwise the paper recipe; blocks rematerialised,
-          so it fits 80 GB devices with --config.mesh.fsdp=8.
+          meant for 80 GB devices with --config.mesh.fsdp=8 (not yet shown: README).
   local   a small ViT on the embedded 8x8 digits: minutes on 2 CPU cores.
 
   python -m ssl_jax.main --config=configs/mae_vit.py:local --workdir=/tmp/mae
@@ -95,7 +95,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
 
 def _vit_h(config: ml_collections.ConfigDict) -> None:
-  """ViT-H/14 (mae_vit_huge_patch14_dec512d8b), sized to fit 80 GB devices under fsdp=8."""
+  """ViT-H/14 (mae_vit_huge_patch14_dec512d8b), meant for 80 GB devices under fsdp=8."""
   config.model.update(VIT_SIZES['H/14'])
   # 512 images a device (batch 4096 on 8 devices) would keep ~70 GB of activations through
   # 32 blocks of 1280 and 8 decoder blocks: keep only each block's input (README, "Big
