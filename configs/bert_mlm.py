@@ -86,7 +86,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       # max_predictions_per_seq); ~6 std above 0.15 x 128, so none is ever left out.
       max_predictions_per_seq=40,
       dtype='bfloat16',             # Compute dtype; parameters stay float32.
-      remat=False,
+      remat='none',                 # Or 'full', 'dots', ... (ssl_jax/models/remat.py).
   ))
 
   # google-research/bert optimization.py, create_optimizer (lines 59-74): AdamWeightDecay

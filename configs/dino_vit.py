@@ -108,7 +108,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       # only, lines 162-166; vision_transformer.py line 150). The teacher never drops.
       drop_path_rate=0.1,
       dtype='bfloat16',            # Compute dtype; parameters stay float32.
-      remat=False,
+      remat='none',                 # Or 'full', 'dots', ... (ssl_jax/models/remat.py).
   ))
 
   config.optim = optim_config(

@@ -64,7 +64,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       drop_path_rate=0.1,          # main_finetune.py L57; FINETUNE.md L73.
       head_init_std=2e-5,          # main_finetune.py L257: trunc_normal_(head.weight, std=2e-5).
       dtype='bfloat16',
-      remat=False,
+      remat='none',                 # Or 'full', 'dots', ... (ssl_jax/models/remat.py).
   ))
 
   config.augment = ml_collections.ConfigDict(dict(

@@ -10,6 +10,10 @@ Variants (`--config=configs/gpt.py:VARIANT`):
           --config.model.use_bias=False --config.model.gelu=erf.
   medium  GPT-2 medium (350M: 24 layers, 1024 wide, 16 heads), lr 3e-4.
   large   GPT-2 large (774M: 36 layers, 1280 wide, 20 heads), lr 2.5e-4.
+  xl      GPT-2 XL (1.5B: 48 layers, 1600 wide, 25 heads), lr 2e-4, every block
+          rematerialised and the 512-sequence batch taken in 8 micro-batches,
+          meant for 80 GB devices sharded with --config.mesh.fsdp=8 (the dry run
+          that would show it is pending: README, "Big models and dry runs").
   char    nanoGPT's character-level tiny-Shakespeare run (6 layers, 6 heads, 384
           wide, context 256, dropout 0.2, lr 1e-3, batch 64, 5000 steps) with
           nanoGPT's model: no biases, exact (erf) GELU; give it the file:
@@ -38,7 +42,7 @@ multiple of 64) for faster matmuls: --config.model.vocab_size=50304.
 Batch. nanoGPT reaches ~0.5M tokens a step as 12 sequences x 40 gradient
 accumulation steps = 480 x 1024 tokens; here the global batch is 512 x 1024 in
 one step (no accumulation: shard it with --config.mesh.fsdp / more devices,
-and --config.model.remat=True if activations do not fit).
+and --config.model.remat=full or dots if activations do not fit).
 """
 
 import ml_collections
@@ -51,9 +55,12 @@ GPT2_SIZES = {
     'small': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
     'medium': dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
     'large': dict(width=1280, depth=36, num_heads=20, mlp_dim=5120),
+    # nanoGPT model.py L220 'gpt2-xl': n_layer=48, n_head=25, n_embd=1600 (1558M); MLP 4x.
+    'xl': dict(width=1600, depth=48, num_heads=25, mlp_dim=6400),
 }
 # Peak learning rates of GPT-3's models of these sizes (Brown et al. 2020, Table 2.1).
-PEAK_LR = {'small': 6e-4, 'medium': 3e-4, 'large': 2.5e-4}
+# XL: GPT-3 XL's (1.3B); GPT-2 XL is 1.5B.
+PEAK_LR = {'small': 6e-4, 'medium': 3e-4, 'large': 2.5e-4, 'xl': 2e-4}
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -84,7 +91,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       gelu='tanh',                  # GPT-2's gelu_new; 'erf' is exact (nanoGPT's nn.GELU()).
       use_bias=True,                # GPT-2's biases in every Linear and LayerNorm (HF layout).
       dtype='bfloat16',             # Compute dtype; parameters stay float32.
-      remat=False,
+      remat='none',                 # Or 'full', 'dots', ... (ssl_jax/models/remat.py).
   ))
 
   config.optim = optim_config(
@@ -97,15 +104,22 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
   config.mesh = mesh_config(data=-1, fsdp=1, tensor=1)
 
-  if variant in ('medium', 'large'):
+  if variant in ('medium', 'large', 'xl'):
     config.model.update(GPT2_SIZES[variant])
     config.optim.lr = PEAK_LR[variant]
+  if variant == 'xl':
+    # Activations of 48 blocks at 64 sequences a device do not fit 80 GB: keep only each
+    # block's input and cut the step into micro-batches, as nanoGPT's 12 sequences a GPU
+    # x 40 accumulation steps (train.py L48-49) do; same loss and update as one batch.
+    config.model.remat = 'full'
+    config.train.grad_accum_steps = 8
   elif variant == 'char':
     _char(config)
   elif variant == 'local':
     _local(config)
   elif variant:
-    raise ValueError(f'Unknown variant {variant!r} of gpt.py: use medium, large, char or local.')
+    raise ValueError(f'Unknown variant {variant!r} of gpt.py: use medium, large, xl, char or '
+                     'local.')
   return config
 
 

@@ -3,7 +3,8 @@ r"""MAE pretraining of a ViT (He et al. 2021, "Masked Autoencoders Are Scalable 
 Variants (`--config=configs/mae_vit.py:VARIANT`):
   (none)  the paper recipe: ViT-B/16, 224 px, ImageNet-1k, batch 4096, 800 epochs.
   vit_l   ViT-L/16, otherwise the paper recipe (the paper's best runs use 1600 epochs).
-  vit_h   ViT-H/14, otherwise the paper recipe.
+  vit_h   ViT-H/14 (632M encoder), otherwise the paper recipe; blocks rematerialised,
+          meant for 80 GB devices with --config.mesh.fsdp=8 (not yet shown: README).
   local   a small ViT on the embedded 8x8 digits: minutes on 2 CPU cores.
 
   python -m ssl_jax.main --config=configs/mae_vit.py:local --workdir=/tmp/mae
@@ -21,7 +22,10 @@ from ssl_jax.config_blocks import (
   train_config,
 )
 
-# ViT sizes (Dosovitskiy et al. 2021, Table 1): patch, width, depth, heads, MLP.
+# ViT sizes (Dosovitskiy et al. 2021, Table 1): patch, width, depth, heads, MLP. The MAE
+# code's models: facebookresearch/mae models_mae.py L223-244 (`mae_vit_base_patch16_dec512d8b`,
+# `..._large_...`, `mae_vit_huge_patch14_dec512d8b`: the same encoders, mlp_ratio 4, and every
+# one the same 512-wide, 8-deep, 16-head decoder as the default below).
 VIT_SIZES = {
     'B/16': dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072),
     'L/16': dict(patch_size=16, width=1024, depth=24, num_heads=16, mlp_dim=4096),
@@ -61,7 +65,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       mask_ratio=0.75,
       norm_pix_loss=True,
       dtype='bfloat16',            # Compute dtype; parameters stay float32.
-      remat=False,
+      remat='none',                 # Or 'full', 'dots', ... (ssl_jax/models/remat.py).
   ))
 
   config.optim = optim_config(
@@ -82,12 +86,21 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   if variant == 'vit_l':
     config.model.update(VIT_SIZES['L/16'])
   elif variant == 'vit_h':
-    config.model.update(VIT_SIZES['H/14'])
+    _vit_h(config)
   elif variant == 'local':
     _local(config)
   elif variant:
     raise ValueError(f'Unknown variant {variant!r} of mae_vit.py: use vit_l, vit_h or local.')
   return config
+
+
+def _vit_h(config: ml_collections.ConfigDict) -> None:
+  """ViT-H/14 (mae_vit_huge_patch14_dec512d8b), meant for 80 GB devices under fsdp=8."""
+  config.model.update(VIT_SIZES['H/14'])
+  # 512 images a device (batch 4096 on 8 devices) would keep ~70 GB of activations through
+  # 32 blocks of 1280 and 8 decoder blocks: keep only each block's input (README, "Big
+  # models and dry runs"). The paper's 128 TPU v3 cores held 32 images each.
+  config.model.remat = 'full'
 
 
 def _local(config: ml_collections.ConfigDict) -> None:

@@ -74,6 +74,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
       temperature=0.1,
       num_classes=1000,            # Of the online linear probe.
       dtype='bfloat16',            # Compute dtype; parameters stay float32.
+      remat='none',                # Per residual block: 'full', 'dots', ... (models/remat.py).
   ))
 
   config.optim = optim_config(

@@ -8,6 +8,8 @@ Multi-process (several hosts, or processes on one host): pass
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I to each, or
 --distributed to let `jax.distributed.initialize()` read a TPU pod / SLURM
 environment; the scripts in launch/ do either (README, "Launching on many hosts").
+--dry_run compiles the train step on abstract inputs and prints whether it
+fits (`ssl_jax.dry_run`; README, "Big models and dry runs").
 """
 
 import sys
@@ -30,6 +32,10 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'HOST:PORT of process 0, for explicit multi-process runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index.')
+_DRY_RUN = flags.DEFINE_bool(
+    'dry_run', False, 'Build the abstract train state, its shardings and the compiled train '
+    'step, print parameters and per-device memory (last line: JSON), then exit: no data is '
+    'read, no parameter allocated, nothing written to --workdir.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -69,9 +75,12 @@ def main(argv: list[str]) -> None:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   cli.quiet_logging()
   distributed = start_distributed()
-  from ssl_jax import train
+  from ssl_jax import dry_run, train
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _DRY_RUN.value:
+      dry_run.report(dry_run.dry_run(_CONFIG.value))
+    else:
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:  # A message for the user, not a traceback.
     sys.exit(f'error: {e}')
   if distributed:

@@ -7,6 +7,8 @@ patches. Masking is per sample, by argsort of uniform noise, as in the
 reference code (github.com/facebookresearch/mae, models_mae.py).
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +56,7 @@ class MAEModel(nnx.Module):
 
   def __init__(self, encoder: ViT, *, channels: int, decoder_width: int,
                decoder_depth: int, decoder_heads: int, decoder_mlp_dim: int,
-               dtype, remat: bool, rngs: nnx.Rngs):
+               dtype, remat: Any, rngs: nnx.Rngs):
     self.encoder = encoder
     patch = encoder.patch_size
     self.decoder_embed = nnx.Linear(

@@ -66,7 +66,7 @@ class SimCLR(Method):
     m = self.config.model
     return ResNet(depth=m.depth, stem=m.stem, width_multiplier=m.width_multiplier,
                   zero_init_residual=m.zero_init_residual, channels=self.config.data.channels,
-                  dtype=jnp.dtype(m.dtype), rngs=rngs)
+                  dtype=jnp.dtype(m.dtype), remat=m.get('remat', False), rngs=rngs)
 
   def build(self, rngs: nnx.Rngs) -> SimCLRModel:
     """Encoder, projection head and online probe, as configured in `config.model`."""

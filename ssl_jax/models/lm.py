@@ -37,6 +37,7 @@ from flax import nnx
 
 from ssl_jax.errors import ConfigError
 from ssl_jax.models.initializers import normal, partitioned
+from ssl_jax.models.remat import policy_name
 from ssl_jax.models.transformer import Block, apply_block, dropout, layer_norm, split_rng
 
 Cache = list[dict[str, jax.Array]]  # per layer: key and value, each (B, S, heads, head_dim)
@@ -64,7 +65,7 @@ class TransformerConfig:
   init_std: float = 0.02
   scale_residual_init: bool = True  # std / sqrt(2 depth) on residual projections.
   dtype: Any = 'float32'  # Compute dtype; parameters are always float32.
-  remat: bool = False
+  remat: Any = False  # A policy of ssl_jax.models.remat ('none', 'full', 'dots', ...) or a bool.
   # 'auto' (cuDNN's fused kernel on GPU in bfloat16/float16 without a padding
   # mask, else XLA), 'xla' or 'cudnn': see transformer.fused_implementation.
   attention_implementation: str = 'auto'
@@ -74,6 +75,7 @@ class TransformerConfig:
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ConfigError(f'transformer {name}={getattr(self, name)!r} is not one of {allowed}')
+    policy_name(self.remat)  # A bad policy name fails here, naming the key.
     if self.width % self.num_heads:
       raise ConfigError(f'transformer width {self.width} is not divisible by '
                         f'num_heads {self.num_heads}')

@@ -28,6 +28,7 @@ from flax import nnx
 
 from ssl_jax.errors import ConfigError
 from ssl_jax.models.initializers import partitioned
+from ssl_jax.models.remat import checkpointed, policy_name
 
 Dtype = Any
 
@@ -154,7 +155,7 @@ class ResNet(nnx.Module):
   def __init__(self, depth: int = 50, *, stem: str = 'imagenet', width_multiplier: float = 1,
                channels: int = 3, zero_init_residual: bool = False,
                stage_sizes: Sequence[int] | None = None, dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               remat: Any = False, rngs: nnx.Rngs):
     """ResNet-`depth` (a RESNET_SIZES key) for `channels`-channel images.
 
     `stem` is 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' (3x3/1 conv,
@@ -162,7 +163,8 @@ class ResNet(nnx.Module):
     `zero_init_residual` starts each block's last BN at gamma = 0
     (torchvision's option; SimCLR's TF code always does it). `stage_sizes`
     replaces the blocks per stage of `depth` (1 to 4 stages, e.g. (1, 1) for
-    tiny test models); the block type still follows `depth`.
+    tiny test models); the block type still follows `depth`. `remat` names
+    the policy each residual block is rematerialised with (`models.remat`).
     """
     if depth not in RESNET_SIZES:
       raise ConfigError(f'ResNet depth must be one of {sorted(RESNET_SIZES)}, got {depth}')
@@ -180,6 +182,7 @@ class ResNet(nnx.Module):
     self.stem = stem
     self.channels = channels
     self.dtype = dtype
+    self.remat = policy_name(remat)
     block_cls = BLOCKS[block]
     # SimCLR's width multiplier scales every conv, stem included (simclr/resnet.py),
     # unlike torchvision's wide_resnet50_2, which widens only the bottleneck's inner 3x3.
@@ -226,7 +229,7 @@ class ResNet(nnx.Module):
     out = {'stem': x}
     for index, stage in enumerate(self.stages):
       for block in stage:
-        x = block(x, train=train)
+        x = checkpointed(lambda blk, h: blk(h, train=train), self.remat)(block, x)
       out[f'stage{index + 1}'] = x
     out['feature_map'] = x
     out['pooled'] = x.mean(axis=(1, 2))

@@ -34,6 +34,7 @@ from flax import nnx
 
 from ssl_jax.errors import ConfigError
 from ssl_jax.models.initializers import KernelInit, partitioned, xavier_uniform
+from ssl_jax.models.remat import checkpointed, policy_name
 
 Dtype = Any
 
@@ -299,12 +300,10 @@ class Block(nnx.Module):
     return self.norm2(x + branch(self.mlp(x), mlp_out_rng, mlp_key)), extra
 
 
-def apply_block(block: Block, x: jax.Array, *args: Any, remat: bool = False,
+def apply_block(block: Block, x: jax.Array, *args: Any, remat: Any = False,
                 **kwargs: Any) -> tuple[jax.Array, Any]:
-  """`block(x, *args, **kwargs)`, its activations recomputed in the backward pass if `remat`."""
-  if remat:  # Saves memory: only the block's input is kept for the backward pass.
-    return nnx.remat(lambda blk, h, *a: blk(h, *a, **kwargs))(block, x, *args)
-  return block(x, *args, **kwargs)
+  """`block(x, *args, **kwargs)`, rematerialised by the policy `remat` names (`models.remat`)."""
+  return checkpointed(lambda blk, h, *a: blk(h, *a, **kwargs), remat)(block, x, *args)
 
 
 class Transformer(nnx.Module):
@@ -315,7 +314,7 @@ class Transformer(nnx.Module):
   """
 
   def __init__(self, width: int, depth: int, num_heads: int, mlp_dim: int, *,
-               dtype: Dtype = jnp.float32, remat: bool = False,
+               dtype: Dtype = jnp.float32, remat: Any = False,
                kernel_init: KernelInit = xavier_uniform, drop_path_rate: float = 0.0,
                rngs: nnx.Rngs):
     self.blocks = nnx.List([
@@ -323,7 +322,7 @@ class Transformer(nnx.Module):
               drop_path_rate=rate, rngs=rngs)
         for rate in drop_path_rates(drop_path_rate, depth)])
     self.norm = layer_norm(width, dtype=dtype, rngs=rngs)
-    self.remat = remat
+    self.remat = policy_name(remat)  # Checked here: a bad name fails at build, not at trace.
 
   def __call__(self, x: jax.Array, drop_path_key: jax.Array | None = None,
                final_norm: bool = True) -> tuple[jax.Array, jax.Array]:

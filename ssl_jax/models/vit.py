@@ -131,7 +131,7 @@ class ViT(nnx.Module):
 
   def __init__(self, *, patch_size: int, channels: int, width: int, depth: int,
                num_heads: int, mlp_dim: int, dtype: Dtype = jnp.float32,
-               remat: bool = False, posemb: str = 'sincos', image_size: int | None = None,
+               remat: Any = False, posemb: str = 'sincos', image_size: int | None = None,
                init: str = 'mae', drop_path_rate: float = 0.0, rngs: nnx.Rngs):
     if init not in INITS:
       raise ConfigError(f'ViT init={init!r}: expected one of {INITS}')
