@@ -61,7 +61,10 @@ def encoder_activation(method, model, batch):
   return encoder(images)['tokens']
 
 
-@pytest.mark.parametrize('name', list(TINY))
+# SimCLR's and DINO's (the slowest to compile) are in the slow selection.
+@pytest.mark.parametrize('name', [
+    pytest.param(name, marks=pytest.mark.slow) if name in ('simclr', 'dino') else name
+    for name in TINY])
 def test_bfloat16_compute_with_float32_master_weights(name):
   module, settings = TINY[name]
   config = module.get_config('local')

@@ -70,6 +70,7 @@ def test_dry_run_compiles_the_fsdp_step_without_data_or_files(tmp_path, module, 
   assert 'per device (XLA memory_analysis' in stdout
 
 
+@pytest.mark.slow
 def test_dry_run_of_a_view_method_and_its_refusals(tmp_path):
   """SimCLR's batch is views (B, 2, S, S, C); its accumulation refusal comes before compiling."""
   figures, _, _ = dry_run(
