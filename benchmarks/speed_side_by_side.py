@@ -1,0 +1,181 @@
+r"""Training-step throughput, ssl_jax against PyTorch eager peers of the same recipes (issue 15).
+
+Run from the repository root, in the project's venv:
+
+  python -m benchmarks.speed_side_by_side --torch_python /work/torchvenv/bin/python \
+      [--rounds 3] [--workloads gpt,simclr,mae] [--steps 10] [--warmup 3] \
+      [--out /tmp/speed_sbs] [--torch_threads N]
+
+For each round and workload it runs, each in its own process and one at a
+time, `python -m ssl_jax.bench` (the trainer's own jitted step, see
+ssl_jax/bench.py) and benchmarks/torch_peers.py under --torch_python (a venv
+with torch and kornia), alternating which goes first from round to round so
+that neither always runs on a machine warmed or loaded by the other. Each
+prints a JSON object as its last stdout line; this script reads
+`examples_per_s` (and `tokens_per_s` for gpt) from both and prints, per
+workload, the median over rounds with the min-max range and the ratio of the
+medians ssl_jax / PyTorch (> 1: ssl_jax is faster), then a JSON object as its
+last line. ssl_jax's time includes XLA's compile only in its separate
+`compile_s`, never in the step times; PyTorch eager compiles nothing; both
+skip --warmup steps before timing --steps.
+
+The three recipes, each the same model, batch and optimizer on both sides:
+  gpt     nanoGPT's CPU recipe (4 layers, 128 wide, 4 heads, context 64, batch
+          12, AdamW), vocabulary 1024 (configs/gpt.py:local's BPE), with
+          nanoGPT's model: no biases (train.py L56), exact GELU (model.py L83).
+  simclr  ResNet-18 at a quarter width with the CIFAR stem, projection
+          128 -> 512 -> 128, NT-Xent, SGD momentum, batch 256, 32 px RGB views
+          made on the batch inside the step (kornia on the PyTorch side); the
+          overrides of benchmarks/simclr_side_by_side.py.
+  mae     configs/mae_vit.py:local's ViT (4 blocks of 128, 4 heads, MLP 256,
+          patch 4; decoder 64 wide, 2 blocks) on 32 px RGB, batch 128, mask
+          0.75, norm_pix_loss, AdamW.
+The images for ssl_jax's simclr and mae are OUT/train.npz, scikit-learn's
+digits upsampled to 32x32 RGB (simclr_side_by_side.write_data), written once;
+the PyTorch peers draw random tensors of the same shapes.
+
+Run it on an otherwise idle machine. PyTorch's OpenMP pool (one thread a
+physical core by default) waits at every op's barrier for all its threads, so
+when another process holds a core each small op stalls for milliseconds: on a
+busy 2-core host the gpt peer took 2.1 s a step with 2 threads and 0.10 s with
+1. Where the host cannot be kept idle, also run with --torch_threads 1 and
+report both.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from benchmarks.simclr_side_by_side import write_data
+
+SIMCLR_OVERRIDES = {  # benchmarks/simclr_side_by_side.py's recipe, less its evals.
+    'data.batch_size': 256, 'data.image_size': 32, 'data.num_workers': 0, 'augment.size': 32,
+    'augment.jitter_strength': 0.5, 'augment.blur_prob': 0.0, 'model.depth': 18,
+    'model.stem': 'cifar', 'model.width_multiplier': 0.25, 'model.projection_hidden': 512,
+    'model.projection_dim': 128, 'model.temperature': 0.5, 'model.dtype': 'float32',
+    'model.zero_init_residual': False, 'optim.name': 'sgd', 'optim.lr': 0.06,
+    'optim.lr_scaling': 'none', 'optim.weight_decay': 5e-4, 'optim.warmup_steps': 0,
+}
+GPT_OVERRIDES = {  # nanoGPT README L85's CPU shape, and nanoGPT's model (no bias, erf GELU).
+    'data.seq_len': 64, 'model.max_len': 64, 'data.batch_size': 12,
+    'model.use_bias': False, 'model.gelu': 'erf',
+}
+MAE_OVERRIDES = {  # mae_vit.py:local on 32 px RGB instead of 16 px grey digits.
+    'data.image_size': 32, 'data.channels': 3, 'data.batch_size': 128,
+    'data.mean': '(0.5,0.5,0.5)', 'data.std': '(0.5,0.5,0.5)',
+}
+
+
+def ours_command(workload: str, train: str, warmup: int, steps: int) -> list[str]:
+  """`python -m ssl_jax.bench` for `workload` with the side-by-side overrides."""
+  if workload == 'gpt':
+    config, overrides = 'configs/gpt.py:local', GPT_OVERRIDES
+  elif workload == 'simclr':
+    config, overrides = 'configs/simclr_resnet.py:cifar10', {
+        'data.source': f'npz:{train}', **SIMCLR_OVERRIDES}
+  else:
+    config, overrides = 'configs/mae_vit.py:local', {
+        'data.source': f'npz:{train}', **MAE_OVERRIDES}
+  return ([sys.executable, '-m', 'ssl_jax.bench', f'--config={config}',
+           f'--warmup_steps={warmup}', f'--steps={steps}']
+          + [f'--config.{k}={v}' for k, v in overrides.items()])
+
+
+def torch_command(python: str, workload: str, warmup: int, steps: int,
+                  threads: int | None) -> list[str]:
+  """benchmarks/torch_peers.py for `workload` under the torch venv's `python`."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  return ([python, os.path.join(here, 'torch_peers.py'), '--workload', workload,
+           '--warmup', str(warmup), '--steps', str(steps)]
+          + (['--threads', str(threads)] if threads else []))
+
+
+def run_json(command: list[str]) -> dict:
+  """Runs `command`; its last stdout line parsed as JSON. Shows its output on failure."""
+  done = subprocess.run(command, capture_output=True, text=True, check=False)
+  if done.returncode != 0:
+    sys.stderr.write(done.stdout + done.stderr)
+    raise SystemExit(f'error: exit {done.returncode}: {" ".join(command)}')
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def spread(values: list[float]) -> dict[str, float]:
+  """Median, min and max of `values`."""
+  return {'median': float(np.median(values)), 'min': min(values), 'max': max(values)}
+
+
+def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
+  """workload -> per side and metric the spread over rounds, and the ratios of medians."""
+  summary = {}
+  for workload, sides in runs.items():
+    entry = {}
+    for metric in ('examples_per_s', 'tokens_per_s'):
+      if all(metric in r for side in sides.values() for r in side):
+        entry[metric] = {side: spread([r[metric] for r in results])
+                         for side, results in sides.items()}
+        entry[metric]['ratio'] = (entry[metric]['ssl_jax']['median']
+                                  / entry[metric]['pytorch']['median'])
+    entry['step_time_s'] = {side: spread([r['step_time_s'] for r in results])
+                            for side, results in sides.items()}
+    summary[workload] = entry
+  return summary
+
+
+def table(summary: dict[str, dict]) -> list[str]:
+  """Human-readable lines: median (min-max) per side and the ratio, per workload and metric."""
+  lines = [f"{'workload':8} {'metric':14} {'ssl_jax median (min-max)':>28} "
+           f"{'PyTorch median (min-max)':>28} {'ssl_jax/PyTorch':>16}"]
+  for workload, entry in summary.items():
+    for metric in ('examples_per_s', 'tokens_per_s'):
+      if metric in entry:
+        m = entry[metric]
+        cells = [f"{m[s]['median']:.1f} ({m[s]['min']:.1f}-{m[s]['max']:.1f})"
+                 for s in ('ssl_jax', 'pytorch')]
+        lines.append(f"{workload:8} {metric:14} {cells[0]:>28} {cells[1]:>28} "
+                     f"{m['ratio']:>16.2f}")
+  return lines
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--torch_python', required=True, help='python of a venv with torch, kornia')
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--workloads', default='gpt,simclr,mae')
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--out', default='/tmp/speed_side_by_side', help='where train.npz goes')
+  parser.add_argument('--torch_threads', type=int, default=None, help="default: torch's own")
+  args = parser.parse_args()
+  workloads = args.workloads.split(',')
+  unknown = set(workloads) - {'gpt', 'simclr', 'mae'}
+  if unknown:
+    parser.error(f'unknown workloads {sorted(unknown)}')
+  train = os.path.join(args.out, 'train.npz')
+  if not os.path.exists(train):
+    train, _ = write_data(args.out)
+  runs = {w: {'ssl_jax': [], 'pytorch': []} for w in workloads}
+  for round_ in range(args.rounds):
+    for workload in workloads:
+      commands = {
+          'ssl_jax': ours_command(workload, train, args.warmup, args.steps),
+          'pytorch': torch_command(args.torch_python, workload, args.warmup, args.steps,
+                                   args.torch_threads)}
+      order = ['ssl_jax', 'pytorch'] if round_ % 2 == 0 else ['pytorch', 'ssl_jax']
+      for side in order:
+        result = run_json(commands[side])
+        runs[workload][side].append(result)
+        print(f"round {round_} {workload:6} {side:7} {result['examples_per_s']:.1f} examples/s "
+              f"(step {1e3 * result['step_time_s']:.1f} ms)", flush=True)
+  summary = summarize(runs)
+  for line in table(summary):
+    print(line)
+  print(json.dumps({'rounds': args.rounds, 'steps': args.steps, 'warmup': args.warmup,
+                    'summary': summary, 'runs': runs}), flush=True)
+
+
+if __name__ == '__main__':
+  main()
