@@ -51,27 +51,11 @@ def synthetic_documents(megabytes: float, seed: int = 0):
 
 def prepare(workdir: str, megabytes: float) -> tuple[str, str]:
   """(tfds_dir, tokenizer.json path), built on the first run."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  from ssl_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
-
-  class SslJaxSyntheticText(tfds.core.GeneratorBasedBuilder):
-    """Synthetic documents in array_record."""
-
-    VERSION = tfds.core.Version('1.0.0')
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          'text': tfds.features.Text()}))
-
-    def _split_generators(self, dl_manager):
-      return {'train': self._generate_examples()}
-
-    def _generate_examples(self):
-      yield from enumerate({'text': d} for d in synthetic_documents(megabytes))
+  from ssl_jax.data import tfds_source, tokenizer  # pylint: disable=g-import-not-at-top
 
   tfds_dir = os.path.join(workdir, f'tfds_{megabytes:g}mb')
-  SslJaxSyntheticText(data_dir=tfds_dir, file_format='array_record').download_and_prepare()
+  tfds_source.write_text_dataset('ssl_jax_synthetic_text',
+                                 lambda: synthetic_documents(megabytes), tfds_dir)
   path = os.path.join(workdir, 'bpe4096.json')
   if not os.path.exists(path):
     sample = [d for _, d in zip(range(500), synthetic_documents(1.0), strict=False)]

@@ -20,10 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ssl_jax import methods, sharding, train
-from ssl_jax.data import streams
+from ssl_jax import sharding, train
 from ssl_jax.metrics import PEAK_FLOPS
-from ssl_jax.train_step import check_grad_accum, make_train_step
+from ssl_jax.train_step import make_train_step
 
 
 @dataclasses.dataclass
@@ -43,13 +42,7 @@ class StepTimes:
 def time_train_step(config: ml_collections.ConfigDict, workdir: str, *, warmup_steps: int,
                     steps: int) -> StepTimes:
   """Builds the trainer's step for `config`, runs warmup + measured steps, times each one."""
-  method_class = methods.method_class(config)
-  mesh = sharding.make_mesh(config.mesh)
-  check_grad_accum(config, method_class, mesh)
-  train_data = streams.train_data(config, method_class.data_spec(config), workdir)
-  config = train.resolve_config(config, train_data.num_examples, train_data.config_updates)
-  method = method_class(config)
-  schedule, tx = train.build_optimizer(config)
+  config, method, mesh, train_data, schedule, tx = train.setup(config, workdir)
   rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   data_iter = iter(train_data.dataset)
   with sharding.activate(mesh, sharding.logical_rules(config.mesh)):

@@ -193,21 +193,30 @@ class Job:
   rng: jax.Array
 
 
+def setup(config: ml_collections.ConfigDict, workdir: epath.Path | str):
+  """Mesh, train data, resolved config, method and optimizer: what a run and a benchmark share.
+
+  The data decides the epoch length (and a tokenizer's vocabulary), which the
+  resolved config, and so the method built once from it, depends on; an
+  accumulation that cannot fit is refused before any data is read.
+  Returns (config, method, mesh, train_data, schedule, tx).
+  """
+  method_class = methods.method_class(config)
+  mesh = sharding.make_mesh(config.mesh)
+  check_grad_accum(config, method_class, mesh)
+  train_data = streams.train_data(config, method_class.data_spec(config), workdir)
+  config = resolve_config(config, train_data.num_examples, train_data.config_updates)
+  schedule, tx = build_optimizer(config)
+  return config, method_class(config), mesh, train_data, schedule, tx
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) `config` in `workdir`; returns the final eval metrics."""
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  method_class = methods.method_class(config)
-  registry.check(config, method_class)  # An impossible evaluation fails before any work.
-  mesh = sharding.make_mesh(config.mesh)
-  check_grad_accum(config, method_class, mesh)  # Also before any data is read.
+  registry.check(config, methods.method_class(config))  # An impossible eval fails first.
+  config, method, mesh, train_data, schedule, tx = setup(config, workdir)
   rules = sharding.logical_rules(config.mesh)
-  # The data decides the epoch length (and a tokenizer's vocabulary), which the
-  # resolved config, and so the method built once from it, depends on.
-  train_data = streams.train_data(config, method_class.data_spec(config), workdir)
-  config = resolve_config(config, train_data.num_examples, train_data.config_updates)
-  method = method_class(config)
-  schedule, tx = build_optimizer(config)
   log_line(f'{config.method}: {config.train.steps} steps of batch {config.data.batch_size} '
            f'({config.train.steps_per_epoch} steps/epoch over {train_data.num_examples} '
            f'examples of {config.data.source}); peak lr {config.optim.peak_lr:.3g}; mesh '

@@ -25,7 +25,7 @@ TINY_MAE = {'data.batch_size': 16, 'data.image_size': 32, 'model.patch_size': 8,
             'model.decoder_mlp_dim': 32}
 TINY_GPT = {'data.batch_size': 16, 'data.seq_len': 32, 'data.vocab_size': 512,
             'model.max_len': 32, 'model.width': 32, 'model.depth': 2, 'model.num_heads': 2,
-            'model.mlp_dim': 64, 'model.remat': 'dots'}
+            'model.mlp_dim': 64, 'model.remat': 'dots', 'train.grad_accum_steps': 2}
 
 
 def flags(settings):
@@ -43,14 +43,17 @@ def dry_run(tmp_path, config, *overrides):
   return json.loads(result.stdout.strip().splitlines()[-1]), workdir, result.stdout
 
 
-def expected_params(config, settings):
-  """The parameter count of the model a real run would build (abstractly, in this process)."""
+def expected(config, settings):
+  """The parameter count of the model a real run would build (abstractly, in this process)
+  and the method's analytic FLOPs of one step."""
   config.update_from_flattened_dict(settings)
   method_class = methods.method_class(config)
   config = dry_config(config, method_class.data_spec(config))
   mesh = sharding.make_mesh(sharding.mesh_config(1, 1, 1), jax.devices()[:1])
+  method = method_class(config)
   with sharding.activate(mesh, sharding.DEFAULT_RULES):
-    return count_params(nnx.eval_shape(lambda: method_class(config).build(nnx.Rngs(0))))
+    params = count_params(nnx.eval_shape(lambda: method.build(nnx.Rngs(0))))
+  return params, method.train_flops_per_example() * config.data.batch_size
 
 
 @pytest.mark.parametrize('module,tiny', [(mae_vit, TINY_MAE), (gpt, TINY_GPT)],
@@ -59,14 +62,16 @@ def test_dry_run_compiles_the_fsdp_step_without_data_or_files(tmp_path, module, 
   config_file = f'configs/{module.__name__.split(".")[-1]}.py'
   figures, workdir, stdout = dry_run(tmp_path, config_file, *flags(FSDP_8), *flags(tiny))
   assert not workdir.exists()  # Nothing written: no config.json, no checkpoints.
-  assert figures['params'] == expected_params(module.get_config(), tiny)
+  params, model_flops = expected(module.get_config(), tiny)
+  assert figures['params'] == params
   assert figures['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1}
   assert figures['optimizer_state_bytes'] >= 2 * figures['param_bytes']  # Adam's mu and nu.
   # FSDP: each device's arguments hold about 1/8 of the float32 state (replicated: all of it).
   state = figures['param_bytes'] + figures['optimizer_state_bytes']
   assert figures['argument_bytes'] < state / 4
   assert figures['bytes_per_device'] >= figures['argument_bytes'] + figures['temp_bytes'] > 0
-  assert figures['flops_per_step_per_device'] > 0
+  # XLA counts a scanned micro-batch once; the figure is scaled to the whole step (GPT: 2).
+  assert 0.9 < figures['flops_per_step_per_device'] * 8 / model_flops < 1.6
   assert 'per device (XLA memory_analysis' in stdout
 
 
@@ -90,8 +95,8 @@ def test_big_variants_have_the_reference_sizes():
   Hugging Face gpt2-xl has 1,557,611,200 parameters; ViT-H/14 ~630M (632M
   with its classifier, Dosovitskiy et al. 2021 Table 1).
   """
-  assert expected_params(gpt.get_config('xl'), {}) == 1_557_611_200
+  assert expected(gpt.get_config('xl'), {})[0] == 1_557_611_200
   config = mae_vit.get_config('vit_h')
   assert (config.model.patch_size, config.model.width, config.model.depth,
           config.model.num_heads, config.model.mlp_dim) == (14, 1280, 32, 16, 5120)
-  assert expected_params(config, {}) == 656_613_964  # Encoder 630,435,840 + decoder.
+  assert expected(config, {})[0] == 656_613_964  # Encoder 630,435,840 + decoder.

@@ -5,10 +5,9 @@ import time
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from ssl_jax import checkpoint
-from ssl_jax.data import masking, text, text_sources
+from ssl_jax.data import masking, text, text_sources, tfds_source
 from ssl_jax.errors import DataError
 from tests.data_fixtures import assert_batches_equal, take
 from tests.text_fixtures import CHAR, WORDPIECE, text_config
@@ -291,25 +290,10 @@ def test_missing_tfds_text_fails_fast_naming_the_data_dir(tmp_path):
                        seed=0)
 
 
-class SslJaxTinyText(tfds.core.GeneratorBasedBuilder):
-  """Ten short documents in array_record, built without TensorFlow."""
-
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'text': tfds.features.Text()}))
-
-  def _split_generators(self, dl_manager):
-    return {'train': self._generate_examples()}
-
-  def _generate_examples(self):
-    for i in range(10):
-      yield i, {'text': f'document {i}: ' + 'words ' * 30}
-
-
 def test_prepared_tfds_text_dataset(tmp_path, monkeypatch):
-  SslJaxTinyText(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  tfds_source.write_text_dataset(
+      'ssl_jax_tiny_text', lambda: (f'document {i}: ' + 'words ' * 30 for i in range(10)),
+      str(tmp_path))
   documents = text_sources.read_documents('tfds:ssl_jax_tiny_text', str(tmp_path))
   assert sorted(documents) == sorted(f'document {i}: ' + 'words ' * 30 for i in range(10))
   data = text_config(source='tfds:ssl_jax_tiny_text', tfds_dir=str(tmp_path), seq_len=16,

@@ -34,6 +34,7 @@ from ssl_jax import checkpoint
 from ssl_jax.data.normalize import normalize
 from ssl_jax.errors import ConfigError
 from ssl_jax.methods.base import Batch, Method, Metrics
+from ssl_jax.methods.simclr import SimCLR
 from ssl_jax.models.initializers import partitioned, torch_trunc_normal
 from ssl_jax.models.resnet import ResNet
 from ssl_jax.models.transformer import layer_norm
@@ -177,10 +178,10 @@ class FineTune(Method):
   def build_encoder(self, rngs: nnx.Rngs) -> ViT | ResNet:
     """The export's encoder with this run's dtype (and, on a ViT, drop path)."""
     m, source = self.config.model, self.source
-    if ENCODERS[source.method] == 'resnet':
-      return ResNet(depth=source.model.depth, stem=source.model.stem,
-                    width_multiplier=source.model.width_multiplier,
-                    channels=source.data.channels, dtype=jnp.dtype(m.dtype), rngs=rngs)
+    if ENCODERS[source.method] == 'resnet':  # SimCLR's ResNet, at this run's dtype and remat.
+      source = ml_collections.ConfigDict(source.to_dict())
+      source.model.update(dict(dtype=m.dtype, remat=m.get('remat', 'none')))
+      return SimCLR(source).build_encoder(rngs)
     dino = (dict(posemb='learned', image_size=source.augment.global_size, init='dino')
             if source.method == 'dino' else {})
     return ViT(patch_size=source.model.patch_size, channels=source.data.channels,
