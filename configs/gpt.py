@@ -109,10 +109,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.optim.lr = PEAK_LR[variant]
   if variant == 'xl':
     # Activations of 48 blocks at 64 sequences a device do not fit 80 GB: keep only each
-    # block's input and cut the step into micro-batches, as nanoGPT's 12 sequences a GPU
-    # x 40 accumulation steps (train.py L48-49) do; same loss and update as one batch.
+    # block's input and cut the step into micro-batches, as nanoGPT does (train_gpt2.py
+    # L9-13: 12 sequences a GPU x 40 accumulation steps); same loss and update as one batch.
+    # 32 micro-batches of 16 sequences (2 a device on 8) is what the CPU dry run shows to
+    # fit (README, "Big models and dry runs"); on GPUs fewer, larger ones may fit.
     config.model.remat = 'full'
-    config.train.grad_accum_steps = 8
+    config.train.grad_accum_steps = 32
   elif variant == 'char':
     _char(config)
   elif variant == 'local':

@@ -37,6 +37,7 @@ class StepTimes:
   units_per_step: int
   unit: str
   memory: dict[str, Any]
+  loss: float             # After the last step: flags or layouts that change the numbers show.
 
 
 def time_train_step(config: ml_collections.ConfigDict, workdir: str, *, warmup_steps: int,
@@ -71,7 +72,7 @@ def time_train_step(config: ml_collections.ConfigDict, workdir: str, *, warmup_s
       input_s=np.array(input_s[warmup_steps:]), xla_flops=xla_flops(compiled),
       model_flops=None if per_example is None else per_example * config.data.batch_size,
       units_per_step=method.examples_to_units(config.data.batch_size),
-      unit=method.throughput_unit, memory=memory_use(compiled))
+      unit=method.throughput_unit, memory=memory_use(compiled), loss=float(metrics['loss']))
 
 
 def xla_flops(compiled: Any) -> float | None:
@@ -180,5 +181,6 @@ def summary(name: str, times: StepTimes, peak: float, peak_source: str) -> dict[
       'mfu': achieved / peak if achieved else None,
       'mfu_flops': source, 'grad_accum_steps': accum,
       'input_wait_fraction': float(times.input_s.sum() / times.step_s.sum()),
+      'loss': times.loss,
       **times.memory,
   }
