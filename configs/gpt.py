@@ -11,9 +11,9 @@ Variants (`--config=configs/gpt.py:VARIANT`):
   medium  GPT-2 medium (350M: 24 layers, 1024 wide, 16 heads), lr 3e-4.
   large   GPT-2 large (774M: 36 layers, 1280 wide, 20 heads), lr 2.5e-4.
   xl      GPT-2 XL (1.5B: 48 layers, 1600 wide, 25 heads), lr 2e-4, every block
-          rematerialised and the 512-sequence batch taken in 8 micro-batches,
-          meant for 80 GB devices sharded with --config.mesh.fsdp=8 (the dry run
-          that would show it is pending: README, "Big models and dry runs").
+          rematerialised and the 512-sequence batch taken in 32 micro-batches,
+          for 80 GB devices sharded with --config.mesh.fsdp=8 (its dry run's
+          figures: README, "Big models and dry runs").
   char    nanoGPT's character-level tiny-Shakespeare run (6 layers, 6 heads, 384
           wide, context 256, dropout 0.2, lr 1e-3, batch 64, 5000 steps) with
           nanoGPT's model: no biases, exact (erf) GELU; give it the file:

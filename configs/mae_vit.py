@@ -4,7 +4,8 @@ Variants (`--config=configs/mae_vit.py:VARIANT`):
   (none)  the paper recipe: ViT-B/16, 224 px, ImageNet-1k, batch 4096, 800 epochs.
   vit_l   ViT-L/16, otherwise the paper recipe (the paper's best runs use 1600 epochs).
   vit_h   ViT-H/14 (632M encoder), otherwise the paper recipe; blocks rematerialised,
-          meant for 80 GB devices with --config.mesh.fsdp=8 (not yet shown: README).
+          8 micro-batches; for 80 GB devices with --config.mesh.fsdp=8 (dry run:
+          16.3 GiB a device on XLA:CPU, README "Big models and dry runs").
   local   a small ViT on the embedded 8x8 digits: minutes on 2 CPU cores.
 
   python -m ssl_jax.main --config=configs/mae_vit.py:local --workdir=/tmp/mae
