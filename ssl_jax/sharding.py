@@ -13,6 +13,7 @@ forward pass right), so `conv_in` stays unsharded. ResNets are small enough.
 """
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -73,6 +74,25 @@ def activate(mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Iterator[None]:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over data and fsdp; the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+_barriers = itertools.count()
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+  """Waits until every process gets here, through jax.distributed's coordination service.
+
+  A no-op in one process. Call it before a collective that may set up a new
+  Gloo context (a CPU all-gather over the processes): Gloo gives its peers
+  only 30 s to arrive, which a busy machine's compile skew can exceed
+  (`GetKeyValue() timed out with key: cpu:gloo/...`); this wait has
+  `timeout_s`. Every process must call it in the same order.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top  # No public handle.
+  distributed.global_state.client.wait_at_barrier(f'ssl_jax:{name}:{next(_barriers)}',
+                                                  timeout_in_ms=timeout_s * 1000)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

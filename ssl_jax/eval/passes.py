@@ -43,6 +43,7 @@ def valid_rows(fn: Callable[[dict], dict[str, jax.Array]], batches: Iterable[dic
 
   parts: dict[str, list[np.ndarray]] = {}
   for out in device_pass(with_labels, batches, mesh):
+    sharding.barrier('valid_rows')  # The all-gather's Gloo set-up waits only 30 s for peers.
     out = multihost_utils.process_allgather(out, tiled=True)
     valid = np.asarray(out.pop('valid'))
     for name, value in out.items():
