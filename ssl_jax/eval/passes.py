@@ -42,8 +42,9 @@ def valid_rows(fn: Callable[[dict], dict[str, jax.Array]], batches: Iterable[dic
     return {**fn(batch), 'label': batch['label'], 'valid': batch['valid']}
 
   parts: dict[str, list[np.ndarray]] = {}
-  for out in device_pass(with_labels, batches, mesh):
-    sharding.barrier('valid_rows')  # The all-gather's Gloo set-up waits only 30 s for peers.
+  for index, out in enumerate(device_pass(with_labels, batches, mesh)):
+    if index == 0:  # After fn's compile, whose skew the first all-gather's Gloo set-up
+      sharding.barrier('valid_rows')  # would wait only 30 s for; later batches reuse it.
     out = multihost_utils.process_allgather(out, tiled=True)
     valid = np.asarray(out.pop('valid'))
     for name, value in out.items():
