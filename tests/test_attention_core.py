@@ -95,7 +95,7 @@ def test_attention_dropout_takes_the_explicit_path():
   rng = jax.random.key(3)
   dropped, _ = attn(x, causal=True, dropout_rng=rng, need_weights=False)
   plain, weights = attn(x, causal=True)
-  qkv_out = attn.qkv(x)
+  qkv_out = attn.qkv(x)  # The Einsum as built: (B, T, 3, heads, head_dim).
   kept = transformer.dropout(weights, 0.5, rng)
   want = attn.proj(jnp.einsum('bhqk,bkhe->bqhe', kept, qkv_out[:, :, 2]))
   np.testing.assert_allclose(np.asarray(dropped), np.asarray(want), atol=1e-6)

@@ -18,7 +18,7 @@ from ssl_jax import flops, losses
 from ssl_jax.data.normalize import denormalize, normalize
 from ssl_jax.methods.base import Batch, Method, Metrics
 from ssl_jax.models.initializers import partitioned, xavier_uniform
-from ssl_jax.models.transformer import Transformer
+from ssl_jax.models.transformer import Transformer, over_rows
 from ssl_jax.models.vit import ViT, posemb_sincos_2d
 from ssl_jax.pictures import image_grid
 
@@ -75,7 +75,7 @@ class MAEModel(nnx.Module):
 
   def decode(self, latent: jax.Array, ids_restore: jax.Array, grid: tuple[int, int]) -> jax.Array:
     """(B, 1+K, D) encoded [CLS]+visible tokens -> (B, L, p*p*C) patch pixels."""
-    x = self.decoder_embed(latent)
+    x = over_rows(self.decoder_embed, latent)
     batch, length = ids_restore.shape
     num_masked = length - (x.shape[1] - 1)
     mask_tokens = jnp.broadcast_to(self.mask_token[...].astype(x.dtype),
@@ -85,7 +85,7 @@ class MAEModel(nnx.Module):
     pos = posemb_sincos_2d(*grid, x.shape[-1])
     x = jnp.concatenate([x[:, :1], patches + jnp.asarray(pos, x.dtype)], axis=1)
     x, _ = self.decoder(x)
-    return self.decoder_pred(x)[:, 1:].astype(jnp.float32)
+    return over_rows(self.decoder_pred, x[:, 1:]).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, rng: jax.Array | None, mask_ratio: float,
                noise: jax.Array | None = None):

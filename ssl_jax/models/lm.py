@@ -38,7 +38,8 @@ from flax import nnx
 from ssl_jax.errors import ConfigError
 from ssl_jax.models.initializers import normal, partitioned
 from ssl_jax.models.remat import policy_name
-from ssl_jax.models.transformer import Block, apply_block, dropout, layer_norm, split_rng
+from ssl_jax.models.transformer import (Block, apply_block, dropout, layer_norm, over_rows,
+                                         split_rng)
 
 Cache = list[dict[str, jax.Array]]  # per layer: key and value, each (B, S, heads, head_dim)
 
@@ -167,6 +168,10 @@ class TransformerLM(nnx.Module):
     those rows of `hidden` and call this on them instead of using the full
     (B, T, V) `logits` of `__call__`, which under jit is then never computed.
     """
+    return over_rows(self._logits, hidden)
+
+  def _logits(self, hidden: jax.Array) -> jax.Array:
+    """(N, D) rows of final hidden states -> (N, V) logits."""
     if self.mlm_dense is not None:
       approximate = self.config.gelu == 'tanh'
       hidden = self.mlm_norm(jax.nn.gelu(self.mlm_dense(hidden), approximate=approximate))

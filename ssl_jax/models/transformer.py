@@ -19,6 +19,13 @@ fused qkv kernel (D, 3, heads, head_dim) is laid out like timm's `qkv` and
 GPT-2's `c_attn` weight reshaped, so checkpoints map by reshape alone. Every
 parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`).
 
+Every per-token layer runs on the tokens as rows of one matrix (`over_rows`:
+(B, T, ...) -> (B*T, ...)), so a weight's gradient is one matmul contracting
+one axis. Contracting (B, T) instead, XLA:CPU transposes the output gradient
+first and fuses into that copy, recomputing them, all the element-wise ops
+that produce it (the residual stream's gradient back to the top block): the
+GPT side-by-side step of docs/benchmarks.md took 1.6x as long.
+
 The language model (`TransformerLM`, `TransformerConfig`, `gpt2_config`,
 `bert_config`) is in `lm.py`.
 """
@@ -85,6 +92,36 @@ def layer_norm(width: int, *, eps: float = 1e-6, use_bias: bool = True, dtype: D
       width, epsilon=eps, use_fast_variance=False, use_bias=use_bias, dtype=dtype, rngs=rngs,
       scale_init=partitioned(nnx.initializers.ones, 'embed'),
       bias_init=partitioned(nnx.initializers.zeros, 'embed'))
+
+
+def over_rows(fn: Any, x: jax.Array, feature_dims: int = 1, *,
+              stacked: bool = False) -> jax.Array:
+  """`fn` applied to `x` with its leading axes flattened into one row axis, then restored.
+
+  (B, T, F...) -> fn((B*T, F...)) of shape (B*T, G...) -> (B, T, G...), where
+  `feature_dims` is the number of trailing F axes (see the module docstring).
+  `stacked`: fn returns (K, B*T, G...), restored to (K, B, T, G...).
+  """
+  lead = x.shape[:x.ndim - feature_dims]
+  y = fn(x.reshape((math.prod(lead),) + x.shape[x.ndim - feature_dims:]))
+  if stacked:
+    return y.reshape(y.shape[:1] + lead + y.shape[2:])
+  return y.reshape(lead + y.shape[1:])
+
+
+def matmul_rows(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+                in_axes: int) -> jax.Array:
+  """(N, *kernel.shape[:in_axes]) rows times `kernel` as one 2-D matmul, plus `bias`.
+
+  -> (N, *kernel.shape[in_axes:]). The weight's gradient is then one matmul
+  contracting the rows, with no transposed copy of either operand (an einsum
+  over several kernel axes leaves XLA:CPU transposing both).
+  """
+  fan_in = math.prod(kernel.shape[:in_axes])
+  y = x.reshape(x.shape[0], fan_in) @ kernel.reshape(fan_in, -1)
+  if bias is not None:
+    y = y + bias.reshape(-1)
+  return y.reshape(x.shape[:1] + kernel.shape[in_axes:])
 
 
 def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None, *,
@@ -190,11 +227,31 @@ class Attention(nnx.Module):
     As torch's nn.MultiheadAttention, the weights are returned unless
     `need_weights=False`, which lets the fused kernel run.
     """
-    qkv = self.qkv(x)  # (B, T, 3, heads, head_dim)
-    out, weights = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, causal=causal,
+    q, k, v = over_rows(self.project_qkv, x, stacked=True)  # 3 x (B, T, heads, head_dim)
+    out, weights = attend(q, k, v, mask, causal=causal,
                           need_weights=need_weights, dropout_rate=self.dropout_rate,
                           dropout_rng=dropout_rng, implementation=self.implementation)
-    return self.proj(out), weights
+    return over_rows(self.project_out, out, 2), weights
+
+  def project_qkv(self, x: jax.Array) -> jax.Array:
+    """(N, D) token rows -> (3, N, heads, head_dim) queries, keys and values.
+
+    The `qkv` Einsum's kernel (D, 3, heads, head_dim) is applied as three 2-D
+    matmuls (`matmul_rows`), one a slice of its second axis, so a sharded
+    `heads` axis stays sharded (MaxText projects q, k and v apart likewise).
+    """
+    bias = self.qkv.bias[...] if self.qkv.bias is not None else None
+    x, kernel, bias = self.qkv.promote_dtype((x, self.qkv.kernel[...], bias),
+                                             dtype=self.qkv.dtype)
+    return jnp.stack([matmul_rows(x, kernel[:, i], None if bias is None else bias[i], 1)
+                      for i in range(3)])
+
+  def project_out(self, out: jax.Array) -> jax.Array:
+    """(N, heads, head_dim) attended rows -> (N, D) through the `proj` Einsum's weights."""
+    bias = self.proj.bias[...] if self.proj.bias is not None else None
+    out, kernel, bias = self.proj.promote_dtype((out, self.proj.kernel[...], bias),
+                                                dtype=self.proj.dtype)
+    return matmul_rows(out, kernel, bias, 2)
 
   def decode(self, x: jax.Array, mask: jax.Array, cache: dict[str, jax.Array],
              index: jax.Array | int) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -205,13 +262,12 @@ class Attention(nnx.Module):
     (B, S, heads, head_dim) cache, and the queries attend over the S cached
     positions that `mask` (B|1, 1, T, S) allows.
     """
-    qkv = self.qkv(x)  # (B, T, 3, heads, head_dim)
+    q, k, v = over_rows(self.project_qkv, x, stacked=True)  # 3 x (B, T, heads, head_dim)
     start = (0, index, 0, 0)
-    k = jax.lax.dynamic_update_slice(cache['key'], qkv[:, :, 1].astype(cache['key'].dtype), start)
-    v = jax.lax.dynamic_update_slice(cache['value'], qkv[:, :, 2].astype(cache['value'].dtype),
-                                     start)
-    out, _ = attend(qkv[:, :, 0].astype(k.dtype), k, v, mask, implementation=self.implementation)
-    return self.proj(out.astype(x.dtype)), {'key': k, 'value': v}
+    k = jax.lax.dynamic_update_slice(cache['key'], k.astype(cache['key'].dtype), start)
+    v = jax.lax.dynamic_update_slice(cache['value'], v.astype(cache['value'].dtype), start)
+    out, _ = attend(q.astype(k.dtype), k, v, mask, implementation=self.implementation)
+    return over_rows(self.project_out, out.astype(x.dtype), 2), {'key': k, 'value': v}
 
 
 class Mlp(nnx.Module):
@@ -233,8 +289,9 @@ class Mlp(nnx.Module):
     self.approximate_gelu = gelu == 'tanh'
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """(B, T, D) -> (B, T, D)."""
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu))
+    """(..., D) -> (..., D), on the tokens as rows (`over_rows`)."""
+    return over_rows(
+        lambda h: self.fc2(jax.nn.gelu(self.fc1(h), approximate=self.approximate_gelu)), x)
 
 
 class Block(nnx.Module):
