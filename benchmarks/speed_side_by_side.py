@@ -45,11 +45,11 @@ report both.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
+from benchmarks.processes import run_json
 from benchmarks.simclr_side_by_side import write_data
 
 SIMCLR_OVERRIDES = {  # benchmarks/simclr_side_by_side.py's recipe, less its evals.
@@ -92,15 +92,6 @@ def torch_command(python: str, workload: str, warmup: int, steps: int,
   return ([python, os.path.join(here, 'torch_peers.py'), '--workload', workload,
            '--warmup', str(warmup), '--steps', str(steps)]
           + (['--threads', str(threads)] if threads else []))
-
-
-def run_json(command: list[str]) -> dict:
-  """Runs `command`; its last stdout line parsed as JSON. Shows its output on failure."""
-  done = subprocess.run(command, capture_output=True, text=True, check=False)
-  if done.returncode != 0:
-    sys.stderr.write(done.stdout + done.stderr)
-    raise SystemExit(f'error: exit {done.returncode}: {" ".join(command)}')
-  return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -167,6 +158,8 @@ def main():
       order = ['ssl_jax', 'pytorch'] if round_ % 2 == 0 else ['pytorch', 'ssl_jax']
       for side in order:
         result = run_json(commands[side])
+        if 'error' in result:
+          raise SystemExit(f"error: {result['error']}")
         runs[workload][side].append(result)
         print(f"round {round_} {workload:6} {side:7} {result['examples_per_s']:.1f} examples/s "
               f"(step {1e3 * result['step_time_s']:.1f} ms)", flush=True)

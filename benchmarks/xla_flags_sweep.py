@@ -22,10 +22,11 @@ math, and single-threaded Eigen.
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 from absl import app, flags
+
+from benchmarks.processes import run_json
 
 DEFAULT_VARIANTS = (
     'onednn=--xla_cpu_use_onednn=true',
@@ -48,10 +49,7 @@ def run_bench(extra_flags: str, overrides: list[str]) -> dict:
   env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {extra_flags}'.strip()
   command = [sys.executable, '-m', 'ssl_jax.bench', f'--config={_CONFIG.value}',
              f'--warmup_steps={_WARMUP.value}', f'--steps={_STEPS.value}', *overrides]
-  result = subprocess.run(command, env=env, capture_output=True, text=True)
-  if result.returncode:
-    return {'error': (result.stdout + result.stderr).strip().splitlines()[-1]}
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return run_json(command, env)
 
 
 def main(argv):

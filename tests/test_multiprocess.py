@@ -81,6 +81,7 @@ def assert_params_equal(saved: dict, params: dict, key_bias_atol: float) -> None
     np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow  # 70 s; the GPT two-process test covers the launch in the default run.
 def test_two_processes_of_4_devices_match_one_process_of_8_mae(tmp_path):
   outputs = local_launch(tmp_path, *runner.TINY, *STEPS)
   assert 'over 8 cpu devices' in outputs[0] and 'step 6/6' in outputs[0]

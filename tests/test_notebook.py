@@ -6,6 +6,7 @@ import sys
 
 import nbclient
 import nbformat
+import pytest
 
 from tests import runner
 
@@ -35,6 +36,7 @@ def outputs(cell) -> tuple[str, int]:
   return ''.join(text), images
 
 
+@pytest.mark.slow  # 30 s end to end.
 def test_probe_notebook_runs_on_a_tiny_mae_run(tmp_path, monkeypatch):
   workdir = tmp_path / 'mae'
   run = runner.run_main(workdir, *runner.TINY, '--config.train.steps=8')

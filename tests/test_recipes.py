@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from configs import bert_mlm, simclr_resnet
 from ssl_jax import losses, optim
@@ -86,6 +87,7 @@ def test_simclr_objective_is_the_references_sum_of_two_directions():
       objective, 2 * float(losses.ntxent_loss(jnp.asarray(z1), jnp.asarray(z2), 0.5)), rtol=1e-6)
 
 
+@pytest.mark.slow  # 27 s: a ResNet compile.
 def test_simclr_method_optimises_twice_ntxent():
   """The SimCLR method's contrastive loss is 2 x ntxent_loss of its own projections."""
   from flax import nnx

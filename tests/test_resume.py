@@ -8,6 +8,7 @@ import time
 
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+import pytest
 
 from ssl_jax import checkpoint
 from tests import hand_written_forms, runner
@@ -98,6 +99,7 @@ def test_rerun_of_finished_run_skips_training_and_corrupt_checkpoints_are_report
   assert file_contents(tmp_path) == before  # Not a byte changed, config.json included.
 
 
+@pytest.mark.slow  # 40 s: two runs and a resume.
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
   straight, damaged = tmp_path / 'straight', tmp_path / 'damaged'
   args = (*runner.TINY, '--config.train.steps=8', '--config.train.checkpoint_every=2')

@@ -148,6 +148,7 @@ def test_bert_local_learns(tmp_path):
 
 # ---------------------------------------------------------------- resume and init_from.
 
+@pytest.mark.slow  # 60 s; test_resume.py covers exact resumption in the default run.
 def test_text_run_resumes_exactly_and_init_from_loads_weights(tmp_path):
   straight, resumed, started = tmp_path / 'straight', tmp_path / 'resumed', tmp_path / 'started'
   # A constant lr: a cosine's shape would depend on train.steps, which the rerun changes.

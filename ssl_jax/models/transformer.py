@@ -94,19 +94,16 @@ def layer_norm(width: int, *, eps: float = 1e-6, use_bias: bool = True, dtype: D
       bias_init=partitioned(nnx.initializers.zeros, 'embed'))
 
 
-def over_rows(fn: Any, x: jax.Array, feature_dims: int = 1, *,
-              stacked: bool = False) -> jax.Array:
+def over_rows(fn: Any, x: jax.Array, feature_dims: int = 1) -> Any:
   """`fn` applied to `x` with its leading axes flattened into one row axis, then restored.
 
   (B, T, F...) -> fn((B*T, F...)) of shape (B*T, G...) -> (B, T, G...), where
-  `feature_dims` is the number of trailing F axes (see the module docstring).
-  `stacked`: fn returns (K, B*T, G...), restored to (K, B, T, G...).
+  `feature_dims` is the number of trailing F axes (see the module docstring);
+  each array of a tuple `fn` returns is restored alike.
   """
   lead = x.shape[:x.ndim - feature_dims]
   y = fn(x.reshape((math.prod(lead),) + x.shape[x.ndim - feature_dims:]))
-  if stacked:
-    return y.reshape(y.shape[:1] + lead + y.shape[2:])
-  return y.reshape(lead + y.shape[1:])
+  return jax.tree.map(lambda a: a.reshape(lead + a.shape[1:]), y)
 
 
 def matmul_rows(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
@@ -227,14 +224,14 @@ class Attention(nnx.Module):
     As torch's nn.MultiheadAttention, the weights are returned unless
     `need_weights=False`, which lets the fused kernel run.
     """
-    q, k, v = over_rows(self.project_qkv, x, stacked=True)  # 3 x (B, T, heads, head_dim)
+    q, k, v = over_rows(self.project_qkv, x)  # 3 x (B, T, heads, head_dim)
     out, weights = attend(q, k, v, mask, causal=causal,
                           need_weights=need_weights, dropout_rate=self.dropout_rate,
                           dropout_rng=dropout_rng, implementation=self.implementation)
     return over_rows(self.project_out, out, 2), weights
 
-  def project_qkv(self, x: jax.Array) -> jax.Array:
-    """(N, D) token rows -> (3, N, heads, head_dim) queries, keys and values.
+  def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(N, D) token rows -> queries, keys and values, each (N, heads, head_dim).
 
     The `qkv` Einsum's kernel (D, 3, heads, head_dim) is applied as three 2-D
     matmuls (`matmul_rows`), one a slice of its second axis, so a sharded
@@ -243,8 +240,8 @@ class Attention(nnx.Module):
     bias = self.qkv.bias[...] if self.qkv.bias is not None else None
     x, kernel, bias = self.qkv.promote_dtype((x, self.qkv.kernel[...], bias),
                                              dtype=self.qkv.dtype)
-    return jnp.stack([matmul_rows(x, kernel[:, i], None if bias is None else bias[i], 1)
-                      for i in range(3)])
+    return tuple(matmul_rows(x, kernel[:, i], None if bias is None else bias[i], 1)
+                 for i in range(3))
 
   def project_out(self, out: jax.Array) -> jax.Array:
     """(N, heads, head_dim) attended rows -> (N, D) through the `proj` Einsum's weights."""
@@ -262,7 +259,7 @@ class Attention(nnx.Module):
     (B, S, heads, head_dim) cache, and the queries attend over the S cached
     positions that `mask` (B|1, 1, T, S) allows.
     """
-    q, k, v = over_rows(self.project_qkv, x, stacked=True)  # 3 x (B, T, heads, head_dim)
+    q, k, v = over_rows(self.project_qkv, x)  # 3 x (B, T, heads, head_dim)
     start = (0, index, 0, 0)
     k = jax.lax.dynamic_update_slice(cache['key'], k.astype(cache['key'].dtype), start)
     v = jax.lax.dynamic_update_slice(cache['value'], v.astype(cache['value'].dtype), start)
