@@ -52,9 +52,8 @@ def run_bench(extra_flags: str, overrides: list[str]) -> dict:
   return run_json(command, env)
 
 
-def main(argv):
+def main(argv, overrides: list[str]):
   del argv
-  overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
   variants = {'default': ''}
   for spec in _VARIANTS.value:
     name, _, value = spec.partition('=')
@@ -86,4 +85,7 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  # The --config.KEY=VALUE overrides go to ssl_jax.bench, not to absl's parser here.
+  config_overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
+  sys.argv = [a for a in sys.argv if not a.startswith('--config.')]
+  app.run(lambda argv: main(argv, config_overrides))

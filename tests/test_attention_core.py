@@ -45,11 +45,14 @@ def test_fused_path_equals_explicit_path(case):
   q, k, v = qkv()
   mask = padding_mask() if MASKS[case]['mask'] else None
   causal = MASKS[case]['causal']
-  fused, no_weights = transformer.attend(q, k, v, mask, causal=causal)
+  plain, no_weights = transformer.attend(q, k, v, mask, causal=causal)
   explicit, weights = transformer.attend(q, k, v, mask, causal=causal, need_weights=True)
+  fused = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                       implementation='xla')  # jax's own kernel.
   assert no_weights is None and weights.shape == (B, HEADS, T, T)
   assert np.isfinite(np.asarray(fused)).all() and np.isfinite(np.asarray(explicit)).all()
   np.testing.assert_allclose(np.asarray(fused), np.asarray(explicit), atol=2e-6)
+  np.testing.assert_allclose(np.asarray(plain), np.asarray(explicit), atol=2e-6)
   np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-6)
   # NumPy: softmax over the allowed keys (a row with none: uniform over all).
   allowed = np.ones((B, 1, T, T), bool)

@@ -11,10 +11,11 @@ trunc-normal, GPT/BERT normal(0.02) with GPT-2's residual scaling, passed as
 `kernel_init` (qkv, fc1) and `residual_init` (proj, fc2: the layers that
 write into the residual stream).
 
-Attention goes through `jax.nn.dot_product_attention` (cuDNN's fused kernel
-when asked for on GPU) unless the caller needs the weights (DINO's attention
-maps, the ViT's `attention` output) or attention dropout is on: those take
-the explicit softmax path, which returns the (B, heads, T, S) weights. The
+Attention is the softmax of two einsums, which returns the (B, heads, T, S)
+weights when the caller needs them (DINO's attention maps, the ViT's
+`attention` output); on a GPU with half-precision queries it goes through
+cuDNN's fused kernel (`jax.nn.dot_product_attention`) unless the weights or
+attention dropout are wanted (`fused_implementation`, `attend`). The
 fused qkv kernel (D, 3, heads, head_dim) is laid out like timm's `qkv` and
 GPT-2's `c_attn` weight reshaped, so checkpoints map by reshape alone. Every
 parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`).
@@ -127,7 +128,7 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None,
 
   `mask` (broadcastable to (B, heads, T, S), True = may attend) and `causal`
   (query i sees keys <= i) combine. A finite fill keeps a fully masked row
-  (all padding) from becoming NaN: it attends uniformly, as the fused path does.
+  (all padding) from becoming NaN: it attends uniformly, as jax.nn.dot_product_attention does.
   """
   q = q * (q.shape[-1] ** -0.5)
   logits = jnp.einsum('bqhe,bkhe->bhqk', q, k).astype(jnp.float32)
@@ -143,13 +144,13 @@ IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
 
 
 def fused_implementation(q: jax.Array, mask: jax.Array | None, implementation: str) -> str:
-  """The `jax.nn.dot_product_attention` implementation to use for `implementation`.
+  """The attention kernel to use for `implementation`: 'cudnn' or 'xla'.
 
   'auto' picks cuDNN's fused (flash) kernel where it applies, on a GPU with
   bfloat16/float16 queries and no explicit mask (causal or none: GPT-2, the
   ViT, MAE's decoder); it never materialises the (B, heads, T, S) scores.
-  Elsewhere (CPU, TPU, float32, BERT's padding masks) 'xla'. jax 0.10's own
-  default (None) is always XLA.
+  Elsewhere (CPU, TPU, float32, BERT's padding masks) 'xla': the softmax of
+  two einsums (`attention_weights`), which XLA fuses as it sees fit.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ConfigError(f'attention implementation {implementation!r} is not one of '
@@ -168,27 +169,28 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
            implementation: str = 'auto') -> tuple[jax.Array, jax.Array | None]:
   """Scaled dot-product attention: (B, T, heads, E) -> ((B, T, heads, E), weights or None).
 
-  The fused `jax.nn.dot_product_attention` unless the weights are wanted or
-  attention dropout is on (it has none): then the explicit softmax, whose
-  weights (before dropout) come back as (B, heads, T, S). With 'auto', a
-  cuDNN kernel that refuses the shapes when traced (head size, cuDNN
-  version) falls back to XLA, with a log line.
+  cuDNN's fused kernel (`jax.nn.dot_product_attention`) where
+  `fused_implementation` picks it and neither the weights nor attention
+  dropout (it has none) are wanted; with 'auto', a kernel that refuses the
+  shapes when traced (head size, cuDNN version) falls back, with a log line.
+  Otherwise the explicit softmax, whose weights (before dropout) come back as
+  (B, heads, T, S) when `need_weights`. `jax.nn.dot_product_attention`'s own
+  XLA implementation computes the same but took twice as long on XLA:CPU
+  (MAE's decoder attention, forward and backward: benchmarks/attention_bench.py).
   """
-  if not need_weights and (dropout_rng is None or dropout_rate == 0.0):
-    chosen = fused_implementation(q, mask, implementation)
+  fusable = not need_weights and (dropout_rng is None or dropout_rate == 0.0)
+  if fusable and fused_implementation(q, mask, implementation) == 'cudnn':
     try:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                         implementation=chosen)
+                                         implementation='cudnn')
+      return out, None
     except Exception as e:  # noqa: BLE001  (only an 'auto' choice of cuDNN falls back)
-      if implementation != 'auto' or chosen != 'cudnn':
+      if implementation != 'auto':
         raise
       logging.log_first_n(logging.WARNING, 'cuDNN attention unavailable (%s); using XLA.', 1, e)
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                         implementation='xla')
-    return out, None
   weights = attention_weights(q, k, mask, causal=causal).astype(v.dtype)
   dropped = dropout(weights, dropout_rate, dropout_rng)
-  return jnp.einsum('bhqk,bkhe->bqhe', dropped, v), weights
+  return jnp.einsum('bhqk,bkhe->bqhe', dropped, v), weights if need_weights else None
 
 
 class Attention(nnx.Module):
@@ -384,7 +386,7 @@ class Transformer(nnx.Module):
 
     `drop_path_key` (train mode) gives block i the key fold_in(key, i); None
     (eval, features, the teacher) runs every block whole. Only the last
-    block computes its weights; the others take the fused attention path.
+    block returns its weights; the others skip them (and may take a fused kernel).
     `final_norm=False` skips the last LayerNorm (MAE fine-tuning's global pool).
     """
     weights = None
