@@ -1,15 +1,18 @@
 r"""Benchmarks a config's real train step: step time, throughput, FLOPs, MFU, input wait.
 
   python -m ssl_jax.bench --config=configs/X.py[:VARIANT] [--warmup_steps=3 --steps=10] \
-      [--config.KEY=VALUE ...]
+      [--top_ops=N] [--config.KEY=VALUE ...]
 
 Builds the trainer's step (`ssl_jax.step_bench`: same data, optimizer,
 shardings and jitted step as `ssl_jax.main`) in a temporary workdir that is
 removed afterwards, compiles it apart, runs the warm-up and measured steps
 and prints a table; the last stdout line is the same as JSON (`step_time_s`,
-`flops_per_step`, `mfu`, ...). MFU is the model's analytic FLOPs over the
-device's dense bf16 peak (`metrics.PEAK_FLOPS`), or, on a CPU, over the best
-float32 matmul rate measured in the same run.
+`flops_per_step`, `mfu`, ...). `--top_ops=N` traces 3 more steps with
+`jax.profiler` and lists the N compiled HLO ops that took longest, each with
+its shape and the jax operation it came from: where the time goes. MFU
+is the model's analytic FLOPs over the device's dense bf16 peak
+(`metrics.PEAK_FLOPS`), or, on a CPU, over the best float32 matmul rate
+measured in the same run.
 """
 
 import json
@@ -29,10 +32,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WARMUP_STEPS = flags.DEFINE_integer('warmup_steps', 3, 'Steps run before timing (not counted).')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
+_TOP_OPS = flags.DEFINE_integer(
+    'top_ops', 0, 'Also trace 3 steps after the timed ones and list the N compiled HLO ops '
+    'that took longest (time per step, share, shape and the jax source of each).')
+TRACE_STEPS = 3
 flags.mark_flags_as_required(['config'])
 
 USAGE = ('python -m ssl_jax.bench --config=configs/X.py[:VARIANT] [--warmup_steps=N] '
-         '[--steps=N] [--config.KEY=VALUE ...]')
+         '[--steps=N] [--top_ops=N] [--config.KEY=VALUE ...]')
 
 
 def _si(value: float | None, unit: str = '') -> str:
@@ -70,18 +77,45 @@ def table(results: dict[str, Any]) -> list[str]:
       ('input wait', f"{100 * r['input_wait_fraction']:.1f}% of step time"),
       ('peak memory', f"{_si(r['peak_memory_bytes'], 'B')} ({r['peak_memory_source']})"),
   ]
-  return [f'{name:>13} | {value}' for name, value in rows]
+  lines = [f'{name:>13} | {value}' for name, value in rows]
+  if r.get('top_ops'):
+    lines.append(f"HLO ops that took longest, over {TRACE_STEPS} traced steps "
+                 '(thread time; ops on parallel threads add up):')
+    lines += [f"{1e3 * op['s_per_step']:9.2f} ms {100 * op['share']:5.1f}%  {op['op']:32s} "
+              f"{op['shape_and_source']}" for op in r['top_ops']]
+  return lines
 
 
-def bench(config, name: str, warmup_steps: int, steps: int) -> dict[str, Any]:
-  """Times `config`'s train step in a temporary workdir; returns the results dict."""
+def top_ops(trace_dir: str, hlo_text: str, count: int) -> list[dict[str, Any]]:
+  """The `count` HLO ops with the most traced time, per step, with their share of all ops."""
+  from ssl_jax import profiling  # Imports jax: after flag parsing, as in `bench`.
+  seconds = profiling.hlo_op_times(trace_dir)
+  total = sum(seconds.values()) or 1.0
+  ranked = seconds.most_common(count)
+  described = profiling.describe_ops(hlo_text, [op for op, _ in ranked])
+  return [{'op': op, 's_per_step': t / TRACE_STEPS, 'share': t / total,
+           'shape_and_source': described.get(op, '')} for op, t in ranked]
+
+
+def bench(config, name: str, warmup_steps: int, steps: int,
+          ops: int = 0) -> dict[str, Any]:
+  """Times `config`'s train step in a temporary workdir; returns the results dict.
+
+  `ops` > 0 adds 'top_ops', the longest HLO ops of TRACE_STEPS traced steps.
+  """
   from ssl_jax import step_bench  # After flag parsing: a bad flag costs no jax start-up.
-  if steps < 1 or warmup_steps < 0:
-    raise UserError(f'--steps={steps} must be >= 1 and --warmup_steps={warmup_steps} >= 0')
+  if steps < 1 or warmup_steps < 0 or ops < 0:
+    raise UserError(f'--steps={steps} must be >= 1, --warmup_steps={warmup_steps} and '
+                    f'--top_ops={ops} >= 0')
   with tempfile.TemporaryDirectory(prefix='ssl_jax_bench_') as workdir:
-    times = step_bench.time_train_step(config, workdir, warmup_steps=warmup_steps, steps=steps)
+    times = step_bench.time_train_step(config, workdir, warmup_steps=warmup_steps, steps=steps,
+                                       trace_steps=TRACE_STEPS if ops else 0)
+    ranked = top_ops(f'{workdir}/trace', times.hlo_text, ops) if ops else None
   peak, source = step_bench.peak_flops_per_device()
-  return step_bench.summary(name, times, peak, source)
+  results = step_bench.summary(name, times, peak, source)
+  if ranked:
+    results['top_ops'] = ranked
+  return results
 
 
 def main(argv: list[str]) -> None:
@@ -91,7 +125,7 @@ def main(argv: list[str]) -> None:
   cli.quiet_logging()
   name = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--config='))
   try:
-    results = bench(_CONFIG.value, name, _WARMUP_STEPS.value, _STEPS.value)
+    results = bench(_CONFIG.value, name, _WARMUP_STEPS.value, _STEPS.value, _TOP_OPS.value)
   except UserError as e:
     sys.exit(f'error: {e}')
   for line in table(results):

@@ -8,8 +8,17 @@ with the tensorboard-plugin-profile package) and `perfetto_trace.json.gz`
 (drop it on ui.perfetto.dev). The last traced step is waited for before the
 trace stops, so its device work is inside the trace
 (jax.readthedocs.io/en/latest/profiling.html).
+
+`hlo_op_times` reads such a trace back as time per compiled HLO op (XLA:CPU
+records one event per thunk, with its `hlo_op`), and `describe_ops` finds
+each op's shape and source in the compiled HLO text: what
+`python -m ssl_jax.bench --top_ops=N` prints.
 """
 
+import collections
+import gzip
+import json
+import re
 from typing import Any
 
 import jax
@@ -49,3 +58,40 @@ class StepProfiler:
     if self.active:
       self.active = False
       jax.profiler.stop_trace()
+
+
+def hlo_op_times(directory: epath.PathLike) -> collections.Counter:
+  """{HLO op name: seconds} summed over the newest Perfetto trace under `directory`.
+
+  Only events that carry an `hlo_op` (XLA's thunks) count; the times of ops
+  that ran in parallel on different threads add up, so the sum can exceed
+  the wall time.
+  """
+  traces = sorted(epath.Path(directory).glob('plugins/profile/*/perfetto_trace.json.gz'),
+                  key=lambda p: p.stat().mtime)
+  if not traces:
+    raise FileNotFoundError(f'no perfetto_trace.json.gz under {directory}')
+  with gzip.open(traces[-1].as_posix(), 'rt') as f:
+    events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  seconds = collections.Counter()
+  for event in events:
+    op = (event.get('args') or {}).get('hlo_op')
+    if event.get('ph') == 'X' and op:
+      seconds[op] += event.get('dur', 0.0) * 1e-6
+  return seconds
+
+
+def describe_ops(hlo_text: str, names: list[str]) -> dict[str, str]:
+  """{op: 'shape  source'} for each of `names` defined in a compiled module's HLO text.
+
+  The source is the `op_name` metadata jax writes (e.g.
+  jit(train_step)/transpose(jvp())/add_any: an add of the backward pass).
+  """
+  wanted, described = set(names), {}
+  for line in hlo_text.splitlines():
+    match = re.match(r'\s*(?:ROOT )?%(\S+) = (\S+) ', line)
+    if match and match.group(1) in wanted and match.group(1) not in described:
+      source = re.search(r'op_name="([^"]*)"', line)
+      described[match.group(1)] = f'{match.group(2)}  {source.group(1) if source else ""}'.rstrip()
+  return described

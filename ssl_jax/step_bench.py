@@ -38,11 +38,16 @@ class StepTimes:
   unit: str
   memory: dict[str, Any]
   loss: float             # After the last step: flags or layouts that change the numbers show.
+  hlo_text: str | None = None  # The compiled step's HLO, when steps were traced.
 
 
 def time_train_step(config: ml_collections.ConfigDict, workdir: str, *, warmup_steps: int,
-                    steps: int) -> StepTimes:
-  """Builds the trainer's step for `config`, runs warmup + measured steps, times each one."""
+                    steps: int, trace_steps: int = 0) -> StepTimes:
+  """Builds the trainer's step for `config`, runs warmup + measured steps, times each one.
+
+  `trace_steps` more steps, after the measured ones, run under `jax.profiler`
+  with a Perfetto trace written under WORKDIR/trace (`profiling.hlo_op_times`).
+  """
   config, method, mesh, train_data, schedule, tx = train.setup(config, workdir)
   rng = jax.random.fold_in(jax.random.key(config.seed), 1)
   data_iter = iter(train_data.dataset)
@@ -64,6 +69,13 @@ def time_train_step(config: ml_collections.ConfigDict, workdir: str, *, warmup_s
       jax.block_until_ready((state, metrics))
       step_s.append(time.perf_counter() - start)
       input_s.append(fetched - start)
+    loss = float(metrics['loss'])  # After the measured steps, traced or not.
+    if trace_steps:
+      jax.profiler.start_trace(f'{workdir}/trace', create_perfetto_trace=True)
+      for _ in range(trace_steps):
+        state, metrics = compiled(state, sharding.put_batch(next(data_iter), mesh), rng)
+      jax.block_until_ready((state, metrics))
+      jax.profiler.stop_trace()
   if hasattr(data_iter, 'close'):
     data_iter.close()
   per_example = method.train_flops_per_example()
@@ -72,7 +84,8 @@ def time_train_step(config: ml_collections.ConfigDict, workdir: str, *, warmup_s
       input_s=np.array(input_s[warmup_steps:]), xla_flops=xla_flops(compiled),
       model_flops=None if per_example is None else per_example * config.data.batch_size,
       units_per_step=method.examples_to_units(config.data.batch_size),
-      unit=method.throughput_unit, memory=memory_use(compiled), loss=float(metrics['loss']))
+      unit=method.throughput_unit, memory=memory_use(compiled), loss=loss,
+      hlo_text=compiled.as_text() if trace_steps else None)
 
 
 def xla_flops(compiled: Any) -> float | None:

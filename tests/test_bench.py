@@ -59,10 +59,20 @@ def test_bench_of_a_tiny_mae(tmp_path):
 
 
 def test_bench_of_a_tiny_gpt(tmp_path):
-  results = run_bench(tmp_path, 'configs/gpt.py:local', *GPT_TINY)
+  results = run_bench(tmp_path, 'configs/gpt.py:local', *GPT_TINY, '--top_ops=5')
   assert results['method'] == 'gpt'
   assert math.isclose(results['tokens_per_s'], 128 * results['examples_per_s'])
   check_results(results, (0.9, 1.6))
+  # --top_ops: the traced step's five longest HLO ops, longest first, each with its
+  # share of all traced op time, its shape and the jax operation it came from.
+  ops = results['top_ops']
+  assert len(ops) == 5
+  times = [op['s_per_step'] for op in ops]
+  assert times == sorted(times, reverse=True) and times[-1] > 0
+  assert all(0 < op['share'] <= 1 for op in ops) and sum(op['share'] for op in ops) <= 1 + 1e-9
+  assert all(op['shape_and_source'].startswith(('f32[', 's32[', 'u32[', 'pred[', '('))
+             for op in ops), ops
+  assert any('jit(train_step)' in op['shape_and_source'] for op in ops), ops
 
 
 def test_bench_runs_the_accumulating_step(tmp_path):

@@ -20,12 +20,10 @@ fused qkv kernel (D, 3, heads, head_dim) is laid out like timm's `qkv` and
 GPT-2's `c_attn` weight reshaped, so checkpoints map by reshape alone. Every
 parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`).
 
-Every per-token layer runs on the tokens as rows of one matrix (`over_rows`:
-(B, T, ...) -> (B*T, ...)), so a weight's gradient is one matmul contracting
-one axis. Contracting (B, T) instead, XLA:CPU transposes the output gradient
-first and fuses into that copy, recomputing them, all the element-wise ops
-that produce it (the residual stream's gradient back to the top block): the
-GPT side-by-side step of docs/benchmarks.md took 1.6x as long.
+Per-token layers take the tokens as rows of one matrix (`over_rows`), so a
+weight's gradient is one matmul over one axis: over (B, T), XLA:CPU copied
+the output gradient transposed, recomputing in each copy the ops producing
+it, and GPT's step took 1.7x as long (docs/benchmarks.md).
 
 The language model (`TransformerLM`, `TransformerConfig`, `gpt2_config`,
 `bert_config`) is in `lm.py`.
@@ -111,9 +109,8 @@ def matmul_rows(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
                 in_axes: int) -> jax.Array:
   """(N, *kernel.shape[:in_axes]) rows times `kernel` as one 2-D matmul, plus `bias`.
 
-  -> (N, *kernel.shape[in_axes:]). The weight's gradient is then one matmul
-  contracting the rows, with no transposed copy of either operand (an einsum
-  over several kernel axes leaves XLA:CPU transposing both).
+  -> (N, *kernel.shape[in_axes:]). Its weight gradient copies no operand
+  transposed, as an einsum over several kernel axes makes XLA:CPU do.
   """
   fan_in = math.prod(kernel.shape[:in_axes])
   y = x.reshape(x.shape[0], fan_in) @ kernel.reshape(fan_in, -1)
@@ -174,9 +171,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
   dropout (it has none) are wanted; with 'auto', a kernel that refuses the
   shapes when traced (head size, cuDNN version) falls back, with a log line.
   Otherwise the explicit softmax, whose weights (before dropout) come back as
-  (B, heads, T, S) when `need_weights`. `jax.nn.dot_product_attention`'s own
-  XLA implementation computes the same but took twice as long on XLA:CPU
-  (MAE's decoder attention, forward and backward: benchmarks/attention_bench.py).
+  (B, heads, T, S) when `need_weights`; faster on XLA:CPU than
+  jax.nn.dot_product_attention's XLA kernel (benchmarks/attention_bench.py).
   """
   fusable = not need_weights and (dropout_rng is None or dropout_rate == 0.0)
   if fusable and fused_implementation(q, mask, implementation) == 'cudnn':
