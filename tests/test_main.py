@@ -34,11 +34,18 @@ def check_local_run(workdir, result, steps, *, loss_drop, probes=('knn_top1', 'l
 
 
 def check_export(workdir, final):
-  """The exported encoder reloads and gives the kNN accuracy the trainer logged."""
+  """The exported encoder reloads and gives the kNN accuracy the trainer logged.
+
+  Within 3 of the 360 test digits: the export's weights equal the final
+  checkpoint's bit for bit, and its features are the same on any mesh and
+  eval batch size, but the trainer computes them in another compiled program,
+  whose rounding can flip near-tied kNN votes; after 8 steps (test_main's
+  SHORT runs) 1 or 2 flipped. A wrong or stale export moves it by far more.
+  """
   encoder, method = methods.load_encoder(workdir / 'export')
   config = checkpoint.load_config(workdir / 'export' / 'config.json')
   mesh = sharding.make_mesh(sharding.mesh_config())  # load_encoder's default: all 8 devices.
-  assert abs(runner.knn_top1(config, method, encoder, mesh) - final['knn_top1']) <= 1 / 360
+  assert abs(runner.knn_top1(config, method, encoder, mesh) - final['knn_top1']) <= 3 / 360
 
 
 @pytest.mark.slow
