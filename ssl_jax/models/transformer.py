@@ -119,6 +119,12 @@ def matmul_rows(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
   return y.reshape(x.shape[:1] + kernel.shape[in_axes:])
 
 
+def promoted(layer: nnx.Einsum, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """`x`, `layer`'s kernel and bias (None without one) in its dtype, as its own call does."""
+  bias = layer.bias[...] if layer.bias is not None else None
+  return layer.promote_dtype((x, layer.kernel[...], bias), dtype=layer.dtype)
+
+
 def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None, *,
                       causal: bool = False) -> jax.Array:
   """Queries (B, T, heads, E), keys (B, S, heads, E) -> float32 softmax weights (B, heads, T, S).
@@ -231,22 +237,16 @@ class Attention(nnx.Module):
   def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(N, D) token rows -> queries, keys and values, each (N, heads, head_dim).
 
-    The `qkv` Einsum's kernel (D, 3, heads, head_dim) is applied as three 2-D
-    matmuls (`matmul_rows`), one a slice of its second axis, so a sharded
-    `heads` axis stays sharded (MaxText projects q, k and v apart likewise).
+    The `qkv` kernel (D, 3, heads, head_dim) as three 2-D matmuls, one per slice
+    of its second axis: a sharded `heads` axis stays sharded (as MaxText's q, k, v).
     """
-    bias = self.qkv.bias[...] if self.qkv.bias is not None else None
-    x, kernel, bias = self.qkv.promote_dtype((x, self.qkv.kernel[...], bias),
-                                             dtype=self.qkv.dtype)
+    x, kernel, bias = promoted(self.qkv, x)
     return tuple(matmul_rows(x, kernel[:, i], None if bias is None else bias[i], 1)
                  for i in range(3))
 
   def project_out(self, out: jax.Array) -> jax.Array:
     """(N, heads, head_dim) attended rows -> (N, D) through the `proj` Einsum's weights."""
-    bias = self.proj.bias[...] if self.proj.bias is not None else None
-    out, kernel, bias = self.proj.promote_dtype((out, self.proj.kernel[...], bias),
-                                                dtype=self.proj.dtype)
-    return matmul_rows(out, kernel, bias, 2)
+    return matmul_rows(*promoted(self.proj, out), 2)
 
   def decode(self, x: jax.Array, mask: jax.Array, cache: dict[str, jax.Array],
              index: jax.Array | int) -> tuple[jax.Array, dict[str, jax.Array]]:
