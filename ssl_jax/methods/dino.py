@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ssl_jax import losses, optim
+from ssl_jax import flops, losses, optim
 from ssl_jax.data import device_augment
 from ssl_jax.data.normalize import denormalize, normalize, standardize
 from ssl_jax.data.pipeline import ViewSpec
@@ -265,6 +265,10 @@ class DINO(Method):
   # ----------------------------------------------------------------------------
   # Export, probing and pictures: the teacher is the model DINO evaluates.
   # ----------------------------------------------------------------------------
+  def train_flops_per_example(self) -> float:
+    """Model FLOPs of one image's step, for MFU (`ssl_jax.flops.dino_train_flops`)."""
+    return flops.dino_train_flops(self.config)
+
   def encoder(self, model: DINOModel) -> ViT:
     """The teacher's ViT backbone, as an ordinary ViT (its weights as nnx.Param)."""
     return retyped(model.teacher.backbone, TeacherWeight, nnx.Param)

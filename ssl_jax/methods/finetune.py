@@ -30,7 +30,7 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from ssl_jax import checkpoint
+from ssl_jax import checkpoint, flops
 from ssl_jax.data.normalize import normalize
 from ssl_jax.errors import ConfigError
 from ssl_jax.methods.base import Batch, Method, Metrics
@@ -217,6 +217,18 @@ class FineTune(Method):
     dominant = jnp.where(params['lam'] >= 0.5, batch['label'], batch['label'][::-1])
     return loss, {'train_top1': (logits.argmax(-1) == dominant).mean(),
                   'mix_lam': params['lam']}
+
+  def train_flops_per_example(self) -> float:
+    """Model FLOPs of one image's step, for MFU: the encoder's forward + backward and the head."""
+    m, data, source = self.config.model, self.config.data, self.source
+    if ENCODERS[source.method] == 'resnet':
+      width = flops.resnet_features(source.model)
+      encoder = 3 * flops.resnet_forward_flops(source.model, data.image_size, data.channels)
+    else:
+      width = source.model.width
+      encoder = flops.vit_train_flops(data.image_size, source.model.patch_size, data.channels,
+                                      width, source.model.mlp_dim, source.model.depth)
+    return encoder + 6 * width * m.num_classes
 
   def encoder(self, model: FineTuneModel) -> ViT | ResNet:
     """The encoder (what `train.init_from` fills and the run exports), without the head."""

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ssl_jax import losses
+from ssl_jax import flops, losses
 from ssl_jax.data import device_augment
 from ssl_jax.data.normalize import denormalize, normalize, standardize
 from ssl_jax.data.pipeline import ViewSpec
@@ -118,6 +118,10 @@ class SimCLR(Method):
     # The probe's loss only reaches the probe (its input is stop-gradient).
     return contrastive + probe_loss, {
         'loss': contrastive, 'probe_loss': probe_loss, 'probe_train_top1': probe_accuracy}
+
+  def train_flops_per_example(self) -> float:
+    """Model FLOPs of one image's step, for MFU (`ssl_jax.flops.simclr_train_flops`)."""
+    return flops.simclr_train_flops(self.config)
 
   def encoder(self, model: SimCLRModel) -> ResNet:
     """The ResNet backbone, without projection head and probe."""
