@@ -4,7 +4,7 @@ Run from the repository root, in the project's venv:
 
   python -m benchmarks.speed_side_by_side --torch_python /work/torchvenv/bin/python \
       [--rounds 3] [--workloads gpt,simclr,mae] [--steps 10] [--warmup 3] \
-      [--out /tmp/speed_sbs] [--torch_threads N]
+      [--out /tmp/speed_sbs] [--torch_threads N] [--bfloat16]
 
 For each round and workload it runs, each in its own process and one at a
 time, `python -m ssl_jax.bench` (the trainer's own jitted step, see
@@ -33,6 +33,10 @@ The three recipes, each the same model, batch and optimizer on both sides:
 The images for ssl_jax's simclr and mae are OUT/train.npz, scikit-learn's
 digits upsampled to 32x32 RGB (simclr_side_by_side.write_data), written once;
 the PyTorch peers draw random tensors of the same shapes.
+
+Both sides compute in float32, as the peers' authors run them on a CPU.
+--bfloat16 puts both in bfloat16 with float32 parameters: ssl_jax's
+model.dtype and torch.autocast('cpu', torch.bfloat16) around each step.
 
 Run it on an otherwise idle machine. PyTorch's OpenMP pool (one thread a
 physical core by default) waits at every op's barrier for all its threads, so
@@ -70,8 +74,9 @@ MAE_OVERRIDES = {  # mae_vit.py:local on 32 px RGB instead of 16 px grey digits.
 }
 
 
-def ours_command(workload: str, train: str, warmup: int, steps: int) -> list[str]:
-  """`python -m ssl_jax.bench` for `workload` with the side-by-side overrides."""
+def ours_command(workload: str, train: str, warmup: int, steps: int,
+                 dtype: str = 'float32') -> list[str]:
+  """`python -m ssl_jax.bench` for `workload` with the side-by-side overrides, in `dtype`."""
   if workload == 'gpt':
     config, overrides = 'configs/gpt.py:local', GPT_OVERRIDES
   elif workload == 'simclr':
@@ -80,18 +85,20 @@ def ours_command(workload: str, train: str, warmup: int, steps: int) -> list[str
   else:
     config, overrides = 'configs/mae_vit.py:local', {
         'data.source': f'npz:{train}', **MAE_OVERRIDES}
+  overrides = {**overrides, 'model.dtype': dtype}
   return ([sys.executable, '-m', 'ssl_jax.bench', f'--config={config}',
            f'--warmup_steps={warmup}', f'--steps={steps}']
           + [f'--config.{k}={v}' for k, v in overrides.items()])
 
 
 def torch_command(python: str, workload: str, warmup: int, steps: int,
-                  threads: int | None) -> list[str]:
+                  threads: int | None, dtype: str = 'float32') -> list[str]:
   """benchmarks/torch_peers.py for `workload` under the torch venv's `python`."""
   here = os.path.dirname(os.path.abspath(__file__))
   return ([python, os.path.join(here, 'torch_peers.py'), '--workload', workload,
            '--warmup', str(warmup), '--steps', str(steps)]
-          + (['--threads', str(threads)] if threads else []))
+          + (['--threads', str(threads)] if threads else [])
+          + (['--autocast', dtype] if dtype != 'float32' else []))
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -140,7 +147,10 @@ def main():
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--out', default='/tmp/speed_side_by_side', help='where train.npz goes')
   parser.add_argument('--torch_threads', type=int, default=None, help="default: torch's own")
+  parser.add_argument('--bfloat16', action='store_true',
+                      help='both sides compute in bfloat16 (float32 parameters)')
   args = parser.parse_args()
+  dtype = 'bfloat16' if args.bfloat16 else 'float32'
   workloads = args.workloads.split(',')
   unknown = set(workloads) - {'gpt', 'simclr', 'mae'}
   if unknown:
@@ -152,9 +162,9 @@ def main():
   for round_ in range(args.rounds):
     for workload in workloads:
       commands = {
-          'ssl_jax': ours_command(workload, train, args.warmup, args.steps),
+          'ssl_jax': ours_command(workload, train, args.warmup, args.steps, dtype),
           'pytorch': torch_command(args.torch_python, workload, args.warmup, args.steps,
-                                   args.torch_threads)}
+                                   args.torch_threads, dtype)}
       order = ['ssl_jax', 'pytorch'] if round_ % 2 == 0 else ['pytorch', 'ssl_jax']
       for side in order:
         result = run_json(commands[side])
@@ -167,6 +177,7 @@ def main():
   for line in table(summary):
     print(line)
   print(json.dumps({'rounds': args.rounds, 'steps': args.steps, 'warmup': args.warmup,
+                    'dtype': dtype,
                     'summary': summary, 'runs': runs}), flush=True)
 
 

@@ -296,6 +296,14 @@ def mae_workload(args):
   return step, batch, None
 
 
+def autocast(step, dtype):
+  """`step` under CPU autocast: matmuls and convs in `dtype`, parameters float32."""
+  def wrapped():
+    with torch.autocast('cpu', dtype=dtype):
+      return step()
+  return wrapped
+
+
 WORKLOADS = {'gpt': gpt_workload, 'simclr': simclr_workload, 'mae': mae_workload}
 
 
@@ -308,11 +316,16 @@ def main():
   parser.add_argument('--vocab', type=int, default=1024, help='gpt vocabulary size')
   parser.add_argument('--pool', type=int, default=1024, help='random images to draw from')
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--autocast', choices=['bfloat16'], default=None,
+                      help="run each step under torch.autocast('cpu', dtype) (the authors' "
+                           'CPU recipes do not; for comparisons with ssl_jax in bfloat16)')
   args = parser.parse_args()
   if args.threads:
     torch.set_num_threads(args.threads)
   torch.manual_seed(args.seed)
   step, examples, tokens = WORKLOADS[args.workload](args)
+  if args.autocast:
+    step = autocast(step, getattr(torch, args.autocast))
   for _ in range(args.warmup):
     step()
   times, loss = [], float('nan')
@@ -329,6 +342,7 @@ def main():
       'step_time_min_s': min(times), 'step_time_max_s': max(times),
       'examples_per_s': examples / median, 'loss': loss,
       'torch_version': torch.__version__, 'num_threads': torch.get_num_threads(),
+      'autocast': args.autocast,
   }
   if tokens:
     result['tokens_per_s'] = tokens / median

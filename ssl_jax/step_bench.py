@@ -71,11 +71,10 @@ def time_train_step(config: ml_collections.ConfigDict, workdir: str, *, warmup_s
       input_s.append(fetched - start)
     loss = float(metrics['loss'])  # After the measured steps, traced or not.
     if trace_steps:
-      jax.profiler.start_trace(f'{workdir}/trace', create_perfetto_trace=True)
-      for _ in range(trace_steps):
-        state, metrics = compiled(state, sharding.put_batch(next(data_iter), mesh), rng)
-      jax.block_until_ready((state, metrics))
-      jax.profiler.stop_trace()
+      with jax.profiler.trace(f'{workdir}/trace', create_perfetto_trace=True):
+        for _ in range(trace_steps):
+          state, metrics = compiled(state, sharding.put_batch(next(data_iter), mesh), rng)
+        jax.block_until_ready((state, metrics))
   if hasattr(data_iter, 'close'):
     data_iter.close()
   per_example = method.train_flops_per_example()
