@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 
 from ssl_jax import checkpoint, methods, optim, sharding
 from ssl_jax.data import streams
+from ssl_jax.data.device_prefetch import DevicePrefetch
 from ssl_jax.errors import ConfigError
 from ssl_jax.eval import registry
 from ssl_jax.eval.evaluator import Evaluator
@@ -229,7 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                            keep=config.train.keep_checkpoints)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     job = Job(config=config, method=method, mesh=mesh, workdir=workdir,
-              checkpointer=checkpointer, data_iter=iter(train_data.dataset),
+              checkpointer=checkpointer,
+              data_iter=DevicePrefetch(iter(train_data.dataset), mesh),
               train_step=make_train_step(method, graphdef, tx, schedule, shardings, mesh,
                                          grad_accum_steps=config.train.grad_accum_steps),
               evaluator=Evaluator(config, method, graphdef, mesh, writer, workdir),
@@ -243,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state, batch, stopped = train_loop(job, state)
       return {} if stopped else finish(job, state, batch)
     finally:
+      job.data_iter.close()
       checkpointer.close()
       writer.close()
 
@@ -306,7 +309,7 @@ def train_loop(job: Job, state: TrainState) -> tuple[TrainState, Any, bool]:
     while step < total:
       profiler.before(step + 1)
       fetch_start = time.perf_counter()
-      batch = sharding.put_batch(next(job.data_iter), job.mesh)
+      batch = next(job.data_iter)  # Already on the mesh (data/device_prefetch.py).
       progress.waited_for_input(time.perf_counter() - fetch_start)
       state, metrics = job.train_step(state, batch, job.rng)
       pending.append(metrics)
@@ -350,7 +353,7 @@ def finish(job: Job, state: TrainState, batch: Any) -> dict[str, float]:
   step = int(state['step'])
   job.checkpointer.save(step, state, job.data_iter)  # No-op if this step is already saved.
   if batch is None:  # Resumed a finished run: draw a batch for the pictures.
-    batch = sharding.put_batch(next(job.data_iter), job.mesh)
+    batch = next(job.data_iter)
   results = evaluator.final(state, batch, job.rng)
   job.writer.write_scalars(step, results)
   for line in evaluator.summary(results):
