@@ -20,18 +20,13 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from ssl_jax.models.resnet import RESNET_SIZES, STAGE_WIDTHS
+from ssl_jax.models.resnet import BLOCKS, RESNET_SIZES, stage_widths
 
 
 def transformer_train_flops(tokens: int, width: int, mlp_dim: int, depth: int) -> float:
   """Forward + backward FLOPs of `depth` pre-norm blocks over one sequence of `tokens`."""
   weights = depth * (4 * width * width + 2 * width * mlp_dim)  # qkv + proj, MLP in + out.
   return float(6 * weights * tokens + 12 * depth * tokens ** 2 * width)
-
-
-def transformer_forward_flops(tokens: int, width: int, mlp_dim: int, depth: int) -> float:
-  """Forward-only FLOPs of the same blocks: a third of `transformer_train_flops`."""
-  return transformer_train_flops(tokens, width, mlp_dim, depth) / 3
 
 
 def vit_train_flops(image_size: int, patch_size: int, channels: int, width: int, mlp_dim: int,
@@ -73,7 +68,7 @@ def _block(block: str, size: int, cin: int, width: int, stride: int,
   else:  # Bottleneck v1.5: 1x1 reduce, 3x3 with the stride, 1x1 expand by 4.
     _, reduce = _conv(size, cin, width, 1, 1, padded)
     out, middle = _conv(size, width, width, 3, stride, padded)
-    cout = 4 * width
+    cout = BLOCKS['bottleneck'].expansion * width
     total = reduce + middle + _conv(out, width, cout, 1, 1, padded)[1]
   if stride != 1 or cin != cout:  # Projection shortcut.
     total += _conv(size, cin, cout, 1, stride, padded)[1]
@@ -87,7 +82,7 @@ def resnet_forward_flops(model: ml_collections.ConfigDict, image_size: int, chan
   Taps on zero padding count only with `padded` (see `_conv`).
   """
   block, stage_sizes = RESNET_SIZES[model.depth]
-  widths = [round(w * model.width_multiplier) for w in STAGE_WIDTHS]
+  widths = stage_widths(model.width_multiplier)
   imagenet = model.stem == 'imagenet'
   size, total = _conv(image_size, channels, widths[0], 7 if imagenet else 3,
                       2 if imagenet else 1, padded)
@@ -104,8 +99,8 @@ def resnet_forward_flops(model: ml_collections.ConfigDict, image_size: int, chan
 
 def resnet_features(model: ml_collections.ConfigDict) -> int:
   """Width of a ResNet's pooled features."""
-  expansion = 4 if RESNET_SIZES[model.depth][0] == 'bottleneck' else 1
-  return round(STAGE_WIDTHS[-1] * model.width_multiplier) * expansion
+  block, _ = RESNET_SIZES[model.depth]
+  return stage_widths(model.width_multiplier)[-1] * BLOCKS[block].expansion
 
 
 def simclr_train_flops(config: ml_collections.ConfigDict) -> float:

@@ -262,13 +262,13 @@ class DINO(Method):
     """Warnings for the log when the teacher's outputs look collapsed."""
     return collapse_warnings(scalars, self.config.model.out_dim)
 
-  # ----------------------------------------------------------------------------
-  # Export, probing and pictures: the teacher is the model DINO evaluates.
-  # ----------------------------------------------------------------------------
   def train_flops_per_example(self) -> float:
     """Model FLOPs of one image's step, for MFU (`ssl_jax.flops.dino_train_flops`)."""
     return flops.dino_train_flops(self.config)
 
+  # ----------------------------------------------------------------------------
+  # Export, probing and pictures: the teacher is the model DINO evaluates.
+  # ----------------------------------------------------------------------------
   def encoder(self, model: DINOModel) -> ViT:
     """The teacher's ViT backbone, as an ordinary ViT (its weights as nnx.Param)."""
     return retyped(model.teacher.backbone, TeacherWeight, nnx.Param)

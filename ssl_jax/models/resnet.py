@@ -149,6 +149,14 @@ class Bottleneck(nnx.Module):
 BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 
 
+def stage_widths(width_multiplier: float) -> list[int]:
+  """The four stages' widths (their 3x3 convs' channels) at `width_multiplier`."""
+  # SimCLR's width multiplier scales every conv, stem included (simclr/resnet.py),
+  # unlike torchvision's wide_resnet50_2, which widens only the bottleneck's inner 3x3.
+  # Fractions (0.25: 16 ... 128 channels) make CPU-sized models.
+  return [round(w * width_multiplier) for w in STAGE_WIDTHS]
+
+
 class ResNet(nnx.Module):
   """ResNet v1.5 encoder without the classifier: stem, four stages, global average pool."""
 
@@ -184,10 +192,7 @@ class ResNet(nnx.Module):
     self.dtype = dtype
     self.remat = policy_name(remat)
     block_cls = BLOCKS[block]
-    # SimCLR's width multiplier scales every conv, stem included (simclr/resnet.py),
-    # unlike torchvision's wide_resnet50_2, which widens only the bottleneck's inner 3x3.
-    # Fractions (0.25: 16 ... 128 channels) make CPU-sized models.
-    widths = [round(w * width_multiplier) for w in STAGE_WIDTHS]
+    widths = stage_widths(width_multiplier)
     # SimCLR appendix B.9: for 32x32 CIFAR a 3x3 stride-1 conv and no max-pool.
     kernel, stride = (7, 2) if stem == 'imagenet' else (3, 1)
     # The stem's input (3 colours) is left unsharded: no mesh axis divides it,
