@@ -46,7 +46,7 @@ class DevicePrefetch(Iterator[dict[str, jax.Array]]):
     self._state = iterator.get_state()
     self._json = not isinstance(self._state, bytes)  # A grain DatasetIterator's dict.
     self._queue: queue.Queue | None = None
-    self._stop = threading.Event()
+    self._stop: threading.Event | None = None  # Each started thread gets its own.
     self._thread: threading.Thread | None = None
 
   def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
