@@ -142,3 +142,38 @@ def test_auto_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
   np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
   with pytest.raises(Exception):  # noqa: B017  (cuDNN's own error, whichever it is)
     transformer.attend(q, k, v, causal=True, implementation='cudnn')
+
+
+@pytest.mark.parametrize('length, causal', [(7, False), (7, True), (6, True)])
+def test_fused_attention_pads_odd_lengths_to_the_same_result(monkeypatch, length, causal):
+  """jax refuses cuDNN's training kernel for odd lengths: such a sequence gets one masked pad
+  token, and its outputs and gradients are those of the unpadded softmax attention."""
+  q, k, v = qkv(5, length)
+  seen = []
+  fused = jax.nn.dot_product_attention
+
+  def recording(*args, **kwargs):
+    seen.append((args[0].shape[1], kwargs.get('key_value_seq_lengths')))
+    return fused(*args, **kwargs)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', recording)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+  def padded(q, k, v):
+    return transformer.fused_attention(q, k, v, causal=causal, implementation='xla')
+
+  def explicit(q, k, v):
+    return transformer.attend(q, k, v, causal=causal, need_weights=True)[0]
+
+  np.testing.assert_allclose(padded(q, k, v), explicit(q, k, v), atol=2e-6)
+  for got, want in zip(jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v),
+                       jax.grad(loss(explicit), argnums=(0, 1, 2))(q, k, v), strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  padded_length, kv_lengths = seen[0]
+  assert padded_length == length + length % 2
+  if length % 2:
+    np.testing.assert_array_equal(kv_lengths, [length] * B)
+  else:
+    assert kv_lengths is None

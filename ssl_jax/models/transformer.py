@@ -15,7 +15,9 @@ Attention is the softmax of two einsums, which returns the (B, heads, T, S)
 weights when the caller needs them (DINO's attention maps, the ViT's
 `attention` output); on a GPU with half-precision queries it goes through
 cuDNN's fused kernel (`jax.nn.dot_product_attention`) unless the weights or
-attention dropout are wanted (`fused_implementation`, `attend`). The
+attention dropout are wanted (`fused_implementation`, `attend`), odd
+lengths such as ViT-B's 197 tokens padded by one masked token
+(`fused_attention`). The
 fused qkv kernel (D, 3, heads, head_dim) is laid out like timm's `qkv` and
 GPT-2's `c_attn` weight reshaped, so checkpoints map by reshape alone. Every
 parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`).
@@ -166,6 +168,37 @@ def fused_implementation(q: jax.Array, mask: jax.Array | None, implementation: s
   return 'xla'
 
 
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
+                    implementation: str | None) -> jax.Array:
+  """`jax.nn.dot_product_attention` without a mask; an odd length is padded by one token.
+
+  jax refuses cuDNN's fused kernel for odd sequence lengths when
+  differentiated, as if a bias were given, even when none is:
+  `dot_product_attention` puts a zeros(0) placeholder in `bias` and
+  `_dot_product_attention_fwd_rule` then checks `bias is not None`
+  (jax/_src/cudnn/fused_attention_stablehlo.py, jax 0.10.2 L1927-L1929 and
+  L451-L453; a training rule with a bias wants even lengths, L391-L395). On an
+  H200 with jax 0.11.2, ViT-B's 197 tokens (MAE's decoder) fell back to XLA
+  for this. So an odd length gets one zero token, which the kernel's padding
+  mask (`query_seq_lengths`, `key_value_seq_lengths`) hides from every query,
+  and its output row is dropped: the same attention over the real tokens.
+  """
+  t, s = q.shape[1], k.shape[1]
+  if t % 2 == 0 and s % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+
+  def even(x: jax.Array) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
+
+  def lengths(n: int) -> jax.Array:
+    return jnp.full((q.shape[0],), n, jnp.int32)
+
+  out = jax.nn.dot_product_attention(
+      even(q), even(k), even(v), is_causal=causal, query_seq_lengths=lengths(t),
+      key_value_seq_lengths=lengths(s), implementation=implementation)
+  return out[:, :t]
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
            causal: bool = False, need_weights: bool = False, dropout_rate: float = 0.0,
            dropout_rng: jax.Array | None = None,
@@ -183,9 +216,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
   fusable = not need_weights and (dropout_rng is None or dropout_rate == 0.0)
   if fusable and fused_implementation(q, mask, implementation) == 'cudnn':
     try:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
-                                         implementation='cudnn')
-      return out, None
+      return fused_attention(q, k, v, causal=causal, implementation='cudnn'), None
     except Exception as e:  # noqa: BLE001  (only an 'auto' choice of cuDNN falls back)
       if implementation != 'auto':
         raise
