@@ -278,6 +278,27 @@ def test_bfloat16_compute_keeps_float32_parameters():
   np.testing.assert_allclose(np.asarray(out['logits'], np.float32), want, atol=0.05)
 
 
+def test_embedding_lookup_gathers_float32_rows_and_casts_them():
+  """Same rows as nnx.Embed (which casts the whole table), but the table's gradient, a
+  scatter-add of repeated ids, is summed in float32 rather than bfloat16."""
+  embed = nnx.Embed(VOCAB, 8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  ids = jnp.asarray(np.r_[np.full(300, 3), np.arange(VOCAB)], jnp.int32)
+  np.testing.assert_array_equal(lm.lookup(embed, ids), embed(ids))
+  # Cotangents exact in bfloat16: only the scatter's accumulation can round.
+  weights = jax.random.normal(jax.random.key(1), (ids.shape[0], 8)).astype(jnp.bfloat16)
+  weights = weights.astype(jnp.float32)
+
+  def table_grad(gather) -> np.ndarray:
+    loss = lambda module: jnp.sum(gather(module).astype(jnp.float32) * weights)
+    return np.asarray(nnx.grad(loss)(embed)['embedding'][...], np.float64)
+
+  grad = table_grad(lambda module: lm.lookup(module, ids))
+  cast_first = table_grad(lambda module: module(ids))
+  want = np.zeros((VOCAB, 8))  # The exact sum, in float64.
+  np.add.at(want, np.asarray(ids), np.asarray(weights, np.float64))
+  assert np.abs(grad - want)[3].max() < 1e-4 < np.abs(cast_first - want)[3].max()
+
+
 # ---------------------------------------------------------------- Training-time paths.
 
 def test_dropout_only_with_an_rng():
