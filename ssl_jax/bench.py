@@ -68,6 +68,8 @@ def table(results: dict[str, Any]) -> list[str]:
                      + (f", {r['tokens_per_s']:.0f} tokens/s" if 'tokens_per_s' in r else '')),
       ('FLOPs / step', f"XLA {_si(r['flops_per_step'])}, analytic {_si(r['model_flops_per_step'])}"
                        + (f' (XLA / analytic {ratio:.2f})' if ratio else '')
+                       + ('; on a GPU XLA counts no cuBLAS/cuDNN call (matmuls, attention)'
+                          if r['platform'] == 'gpu' else '')
                        + (f"; XLA saw one of {r['grad_accum_steps']} micro-batches"
                           if r['grad_accum_steps'] > 1 else '')),
       ('achieved', f"{_si(r['flops_per_s_per_device'], 'FLOP/s')} per device "

@@ -93,7 +93,9 @@ def xla_flops(compiled: Any) -> float | None:
   The analysis is of one device's (SPMD-partitioned) program, so it is
   multiplied by the device count. A `lax.scan` body is counted once, not once
   per iteration (checked: a 4-step scan of a matmul counts one matmul), so
-  with `train.grad_accum_steps` k the count is about one micro-batch's.
+  with `train.grad_accum_steps` k the count is about one micro-batch's. On a
+  GPU it leaves out the library calls, cuBLAS matmuls and cuDNN attention:
+  GPT-2 124M's step counted 186 GFLOPs of the analytic 56 TFLOPs on an H200.
   """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # Older jax: one dict per computation.
