@@ -170,7 +170,9 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array,
   """GPT's objective: mean cross-entropy of `logits[:, t]` against `tokens[:, t+1]`.
 
   Args:
-    logits: (B, T, V) the model's outputs for the input `tokens`.
+    logits: (B, T, V) the model's outputs for the input `tokens`, or
+      (B, T-1, V), those of the positions that have a target: the last
+      position's logits are never read, so a caller may skip computing them.
     tokens: (B, T) int the input tokens; the targets are the same tokens
       shifted left by one, so the last position has no target.
     weights: optional (B, T), aligned with `tokens`: `weights[:, t]` weighs
@@ -181,12 +183,13 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array,
   Returns:
     The scalar mean over counted targets (0 if none counts).
   """
-  if logits.shape[:2] != tokens.shape:
+  batch, length = tokens.shape
+  if logits.shape[:2] not in ((batch, length), (batch, length - 1)):
     raise ValueError(f'next_token_loss: logits {logits.shape} do not match tokens '
-                     f'{tokens.shape} in (B, T).')
+                     f'{tokens.shape} in (B, T) or (B, T-1).')
   targets = tokens[:, 1:]  # (B, T-1)
   weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights[:, 1:]
-  return _weighted_token_cross_entropy(logits[:, :-1], targets, weights)
+  return _weighted_token_cross_entropy(logits[:, :length - 1], targets, weights)
 
 
 def masked_lm_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:

@@ -55,6 +55,15 @@ def test_next_token_loss_matches_numpy():
   assert abs(got - unshifted) > 1e-2
 
 
+def test_next_token_loss_takes_the_predicting_positions_alone():
+  """(B, T-1, V) logits, those of positions with a target, give the (B, T, V) loss."""
+  _, logits, tokens = random_lm_batch(2)
+  np.testing.assert_array_equal(losses.next_token_loss(logits[:, :-1], tokens),
+                                losses.next_token_loss(logits, tokens))
+  with pytest.raises(ValueError, match=r'in \(B, T\) or \(B, T-1\)'):
+    losses.next_token_loss(logits[:, :-2], tokens)
+
+
 def test_next_token_loss_padding_never_counts():
   rng, logits, tokens = random_lm_batch(1)
   # Right padding: the last 3 tokens of row 0 and the last token of row 2 are pads.

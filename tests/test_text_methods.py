@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import bert_mlm, gpt
-from ssl_jax import checkpoint, methods, sharding, train
+from ssl_jax import checkpoint, losses, methods, sharding, train
 from ssl_jax import optim as optim_lib
 from ssl_jax.data import streams, text_sources
 from ssl_jax.errors import CheckpointError, ConfigError
@@ -130,6 +130,25 @@ def test_gpt_eval_step_sums_next_token_cross_entropy():
   cross_entropy = -np.take_along_axis(log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1)[..., 0]
   assert float(count) == weights[:, 1:].sum() < BATCH * (LENGTH - 1)  # Padding is left out.
   np.testing.assert_allclose(float(total), (cross_entropy * weights[:, 1:]).sum(), rtol=1e-5)
+
+
+def test_gpt_loss_skips_the_last_positions_logits_but_not_their_value():
+  """loss_fn computes logits at the T-1 positions with a target: the loss and gradients of the
+  full (B, T, V) logits."""
+  method, model = built(tiny_config('gpt'))
+  batch = {key: jnp.asarray(value) for key, value in random_batch('gpt', 4).items()}
+
+  def full(m):
+    return losses.next_token_loss(m(batch['tokens'])['logits'], batch['tokens'], batch['weights'])
+
+  def ours(m):
+    return method.loss_fn(m, batch, jax.random.key(0), jnp.zeros((), jnp.int32))[0]
+
+  (want, want_grads), (got, got_grads) = (nnx.jit(nnx.value_and_grad(f))(model)
+                                          for f in (full, ours))
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+    np.testing.assert_allclose(g, w, atol=1e-6)
 
 
 @pytest.mark.parametrize('max_predictions', [None, LENGTH - 1, 3])

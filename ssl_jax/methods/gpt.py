@@ -19,6 +19,17 @@ from ssl_jax.models import lm
 from ssl_jax.models.lm import TransformerLM
 
 
+def predicting_logits(model: TransformerLM, hidden: jax.Array) -> jax.Array:
+  """(B, T, D) final hidden states -> (B, T-1, V) logits of the positions that have a target.
+
+  The model's own (B, T, V) `logits` go unused, so jit never computes them.
+  Slicing the logits instead would make their gradient a pad back to T
+  positions, a pass over the whole (B, T, V) array: 4.8 ms of GPT-2 124M's
+  142 ms step on an H200 (docs/benchmarks.md, "One GPU").
+  """
+  return model.logits(hidden[:, :-1])
+
+
 class GPT(LanguageModelMethod):
   """The GPT method: a causal language model on packed token windows."""
 
@@ -30,8 +41,9 @@ class GPT(LanguageModelMethod):
               step: jax.Array) -> tuple[jax.Array, Metrics]:
     """Mean next-token cross-entropy (nats) over the batch's counted targets."""
     del step
-    logits = model(batch['tokens'], dropout_rng=self.dropout_rng(rng))['logits']  # (B, T, V)
-    return losses.next_token_loss(logits, batch['tokens'], batch['weights']), {}
+    hidden = model(batch['tokens'], dropout_rng=self.dropout_rng(rng))['hidden']
+    return losses.next_token_loss(predicting_logits(model, hidden), batch['tokens'],
+                                  batch['weights']), {}
 
   def loss_weight(self, batch: Batch) -> jax.Array:
     """The counted targets (packed windows can hold padding)."""
@@ -39,7 +51,7 @@ class GPT(LanguageModelMethod):
 
   def eval_step(self, model: TransformerLM, batch: Batch) -> dict[str, tuple]:
     """{'loss': (summed next-token cross-entropy, number of targets)}, without dropout."""
-    logits = model(batch['tokens'])['logits']
+    logits = predicting_logits(model, model(batch['tokens'])['hidden'])
     count = batch['weights'][:, 1:].sum()  # weights[:, 0] is never a target.
     return {'loss': (losses.next_token_loss(logits, batch['tokens'], batch['weights']) * count,
                      count)}
