@@ -177,3 +177,11 @@ def test_fused_attention_pads_odd_lengths_to_the_same_result(monkeypatch, length
     np.testing.assert_array_equal(kv_lengths, [length] * B)
   else:
     assert kv_lengths is None
+
+
+def test_fused_attention_applies_a_mask_it_is_given():
+  """An explicit 'cudnn' choice can come with BERT's padding mask: it reaches the kernel."""
+  q, k, v = qkv(6)
+  got = transformer.fused_attention(q, k, v, padding_mask(), causal=False, implementation='xla')
+  want, _ = transformer.attend(q, k, v, padding_mask(), need_weights=True)
+  np.testing.assert_allclose(got, want, atol=2e-6)

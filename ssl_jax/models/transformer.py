@@ -168,9 +168,9 @@ def fused_implementation(q: jax.Array, mask: jax.Array | None, implementation: s
   return 'xla'
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
-                    implementation: str | None) -> jax.Array:
-  """`jax.nn.dot_product_attention` without a mask; an odd length is padded by one token.
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+                    causal: bool, implementation: str | None) -> jax.Array:
+  """`jax.nn.dot_product_attention`; without a mask, an odd length is padded by one token.
 
   jax refuses cuDNN's fused kernel for odd sequence lengths when
   differentiated, as if a bias were given, even when none is:
@@ -184,8 +184,9 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
   and its output row is dropped: the same attention over the real tokens.
   """
   t, s = q.shape[1], k.shape[1]
-  if t % 2 == 0 and s % 2 == 0:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+  if mask is not None or (t % 2 == 0 and s % 2 == 0):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
+                                        implementation=implementation)
 
   def even(x: jax.Array) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
@@ -216,7 +217,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
   fusable = not need_weights and (dropout_rng is None or dropout_rate == 0.0)
   if fusable and fused_implementation(q, mask, implementation) == 'cudnn':
     try:
-      return fused_attention(q, k, v, causal=causal, implementation='cudnn'), None
+      return fused_attention(q, k, v, mask, causal=causal, implementation='cudnn'), None
     except Exception as e:  # noqa: BLE001  (only an 'auto' choice of cuDNN falls back)
       if implementation != 'auto':
         raise
