@@ -42,21 +42,16 @@ GPT = ['--config=configs/gpt.py', '--config.data.source=pydoc',
 MAE = ['--config=configs/mae_vit.py', '--config.data.source=npz:{data}/mae224.npz',
        '--config.data.num_workers=16']
 TIMED = ['--warmup_steps=5', '--steps=20']
-NO_GRAPHS = '--xla_gpu_enable_command_buffer='
-# (name, bench arguments[, XLA_FLAGS]), most wanted first: the budget may end the list early.
+# (name, bench arguments), most wanted first: the budget may end the list early. The
+# `_ops` runs trace 3 more steps and list the longest kernels (`--top_ops`, which turns
+# XLA:GPU's CUDA graphs off for the run: with them a step traces as one op).
 WORKLOADS = [
     ('gpt_b64', GPT + ['--config.data.batch_size=64'] + TIMED),
     ('mae_b256', MAE + ['--config.data.batch_size=256'] + TIMED),
+    ('mae_b256_ops', MAE + ['--config.data.batch_size=256', '--top_ops=25'] + TIMED),
+    ('gpt_b64_ops', GPT + ['--config.data.batch_size=64', '--top_ops=25'] + TIMED),
     ('mae_b64', MAE + ['--config.data.batch_size=64'] + TIMED),
     ('gpt_b16', GPT + ['--config.data.batch_size=16'] + TIMED),
-    ('gpt_b64_top_ops', GPT + ['--config.data.batch_size=64', '--top_ops=12'] + TIMED),
-    ('mae_b256_top_ops', MAE + ['--config.data.batch_size=256', '--top_ops=12'] + TIMED),
-    # XLA:GPU runs most of a step as CUDA graphs ('command buffers'), which a trace shows
-    # as one op; without them each kernel is its own op (and the step is a little slower).
-    ('gpt_b64_ops_no_graphs', GPT + ['--config.data.batch_size=64', '--top_ops=25'] + TIMED,
-     NO_GRAPHS),
-    ('mae_b256_ops_no_graphs', MAE + ['--config.data.batch_size=256', '--top_ops=25'] + TIMED,
-     NO_GRAPHS),
 ]
 SMOKE = {  # Appended under --smoke: later flags win.
     'gpt': ['--config.model.depth=1', '--config.model.width=64', '--config.model.num_heads=2',
@@ -117,7 +112,7 @@ def main() -> None:
   ceiling = ceiling_run.get('matmul_flops_per_s')
   wanted = set(filter(None, args.only.split(',')))
   results = []
-  for name, flags, *xla_flags in WORKLOADS:
+  for name, flags in WORKLOADS:
     if wanted and name not in wanted:
       continue
     if time.monotonic() - start > args.budget_s:
@@ -127,11 +122,9 @@ def main() -> None:
     if args.smoke:
       flags += SMOKE[name.split('_')[0]]
     began = time.monotonic()
-    env = dict(os.environ, XLA_FLAGS=' '.join([os.environ.get('XLA_FLAGS', ''), *xla_flags]))
-    result = run_json([sys.executable, '-m', 'ssl_jax.bench', *flags], env=env,
+    result = run_json([sys.executable, '-m', 'ssl_jax.bench', *flags],
                       timeout=args.timeout_s, log=f'{args.out}/{name}.log')
-    result.update(name=name, wall_s=time.monotonic() - began, flags=flags,
-                  xla_flags=env['XLA_FLAGS'].strip())
+    result.update(name=name, wall_s=time.monotonic() - began, flags=flags)
     results.append(result)
     with open(f'{args.out}/results.jsonl', 'a') as f:
       f.write(json.dumps(result) + '\n')

@@ -9,7 +9,9 @@ removed afterwards, compiles it apart, runs the warm-up and measured steps
 and prints a table; the last stdout line is the same as JSON (`step_time_s`,
 `flops_per_step`, `mfu`, ...). `--top_ops=N` traces 3 more steps with
 `jax.profiler` and lists the N compiled HLO ops that took longest, each with
-its shape and the jax operation it came from: where the time goes. MFU
+its shape and the jax operation it came from: where the time goes. It also
+turns off XLA:GPU's CUDA graphs for the run (`profiling.flags_for_trace`), so that on a
+GPU each kernel is its own op rather than one graph for the step. MFU
 is the model's analytic FLOPs over the device's dense bf16 peak
 (`metrics.PEAK_FLOPS`), or, on a CPU, over the best float32 matmul rate
 measured in the same run.
@@ -17,6 +19,7 @@ measured in the same run.
 
 import json
 import math
+import os
 import sys
 import tempfile
 from typing import Any
@@ -126,6 +129,9 @@ def main(argv: list[str]) -> None:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   cli.quiet_logging()
   name = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--config='))
+  if _TOP_OPS.value:  # Before jax starts its backend, which reads XLA_FLAGS once.
+    from ssl_jax import profiling
+    os.environ['XLA_FLAGS'] = profiling.flags_for_trace(os.environ.get('XLA_FLAGS', ''))
   try:
     results = bench(_CONFIG.value, name, _WARMUP_STEPS.value, _STEPS.value, _TOP_OPS.value)
   except UserError as e:

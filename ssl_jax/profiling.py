@@ -12,7 +12,8 @@ trace stops, so its device work is inside the trace
 `hlo_op_times` reads such a trace back as time per compiled HLO op (XLA:CPU
 records one event per thunk, with its `hlo_op`), and `describe_ops` finds
 each op's shape and source in the compiled HLO text: what
-`python -m ssl_jax.bench --top_ops=N` prints.
+`python -m ssl_jax.bench --top_ops=N` prints, with XLA:GPU's CUDA graphs off
+(`flags_for_trace`).
 """
 
 import collections
@@ -25,6 +26,8 @@ import jax
 from etils import epath
 
 from ssl_jax.metrics import log_line
+
+NO_CUDA_GRAPHS = '--xla_gpu_enable_command_buffer='
 
 
 class StepProfiler:
@@ -95,3 +98,17 @@ def describe_ops(hlo_text: str, names: list[str]) -> dict[str, str]:
       source = re.search(r'op_name="([^"]*)"', line)
       described[match.group(1)] = f'{match.group(2)}  {source.group(1) if source else ""}'.rstrip()
   return described
+
+
+def flags_for_trace(xla_flags: str) -> str:
+  """XLA_FLAGS for a `--top_ops` run: XLA:GPU's CUDA graphs off, unless the user set them.
+
+  XLA:GPU runs most of a step as CUDA graphs ("command buffers"), which a
+  trace shows as one op: `command_buffer_156` held 93.5% of MAE ViT-B's
+  kernel time on an H200. Without them each kernel is its own op; GPT-2
+  124M's step was then 2-4% faster, not slower (docs/benchmarks.md, "One
+  GPU"). XLA:CPU has no command buffers and ignores the flag.
+  """
+  if 'xla_gpu_enable_command_buffer' in xla_flags:
+    return xla_flags
+  return f'{xla_flags} {NO_CUDA_GRAPHS}'.strip()

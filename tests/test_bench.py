@@ -8,7 +8,7 @@ import sys
 
 import ml_collections
 
-from ssl_jax import flops
+from ssl_jax import flops, profiling
 from tests import runner
 
 # The :local recipes with one narrow block (tests/runner.py TINY, tests/test_text_main.py TINY).
@@ -73,6 +73,14 @@ def test_bench_of_a_tiny_gpt(tmp_path):
   assert all(op['shape_and_source'].startswith(('f32[', 's32[', 'u32[', 'pred[', '('))
              for op in ops), ops
   assert any('jit(train_step)' in op['shape_and_source'] for op in ops), ops
+
+
+def test_top_ops_turns_off_cuda_graphs_unless_the_user_chose():
+  assert profiling.flags_for_trace('') == '--xla_gpu_enable_command_buffer='
+  assert (profiling.flags_for_trace('--xla_cpu_use_onednn=true')
+          == '--xla_cpu_use_onednn=true --xla_gpu_enable_command_buffer=')
+  chosen = '--xla_gpu_enable_command_buffer=FUSION,CUBLAS'
+  assert profiling.flags_for_trace(chosen) == chosen
 
 
 def test_bench_runs_the_accumulating_step(tmp_path):
