@@ -25,6 +25,11 @@ Data, all made on the machine (nothing is downloaded):
        bicubic) and flips, as in training.
 --smoke shrinks every model and batch to run on a CPU in a minute: it checks
 this script, not the numbers.
+
+On a machine whose image has its own jax (the H200 of docs/benchmarks.md had
+jax 0.11.2 and flax 0.12.10, under which the pinned flax 0.12.8 does not
+import), use its jax and flax and add only what it lacks: there,
+ml_collections, grain, array_record and portpicker, as wheels on PYTHONPATH.
 """
 
 import argparse
