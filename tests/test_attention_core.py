@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from ssl_jax.errors import ConfigError
-from ssl_jax.models import transformer
+from ssl_jax.models import regularizers, transformer
 
 B, T, HEADS, HEAD_DIM, WIDTH = 2, 6, 2, 8, 16
 
@@ -99,7 +99,7 @@ def test_attention_dropout_takes_the_explicit_path():
   dropped, _ = attn(x, causal=True, dropout_rng=rng, need_weights=False)
   plain, weights = attn(x, causal=True)
   qkv_out = attn.qkv(x)  # The Einsum as built: (B, T, 3, heads, head_dim).
-  kept = transformer.dropout(weights, 0.5, rng)
+  kept = regularizers.dropout(weights, 0.5, rng)
   want = attn.proj(jnp.einsum('bhqk,bkhe->bqhe', kept, qkv_out[:, :, 2]))
   np.testing.assert_allclose(np.asarray(dropped), np.asarray(want), atol=1e-6)
   assert np.abs(np.asarray(dropped) - np.asarray(plain)).max() > 1e-2

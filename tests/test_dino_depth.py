@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs import dino_vit
 from ssl_jax import methods, train
-from ssl_jax.models import transformer as core
+from ssl_jax.models import regularizers
 from ssl_jax.models import vit as vit_lib
 from ssl_jax.models.vit import ViT
 
@@ -41,7 +41,7 @@ def test_drop_path_rates_rise_linearly_over_the_blocks():
             drop_path_rate=0.3, rngs=nnx.Rngs(0))
   np.testing.assert_allclose([b.drop_path_rate for b in vit.encoder.blocks],
                              [0.0, 0.1, 0.2, 0.3], atol=1e-12)
-  np.testing.assert_allclose(core.drop_path_rates(0.1, 12), np.arange(12) * 0.1 / 11)
+  np.testing.assert_allclose(regularizers.drop_path_rates(0.1, 12), np.arange(12) * 0.1 / 11)
   plain = ViT(patch_size=4, channels=1, width=8, depth=2, num_heads=2, mlp_dim=16,
               rngs=nnx.Rngs(0))  # MAE's default: none.
   assert [b.drop_path_rate for b in plain.encoder.blocks] == [0.0, 0.0]
@@ -101,7 +101,7 @@ def test_drop_path_masks_do_not_depend_on_sharding():
   """The mask is drawn for the global batch: 8 shards give the 1-device values."""
   x = jnp.ones((64, 3, 4), jnp.float32)
   key = jax.random.key(3)
-  fn = jax.jit(lambda x, key: core.drop_path(x, 0.5, key))
+  fn = jax.jit(lambda x, key: regularizers.drop_path(x, 0.5, key))
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
   one = np.asarray(fn(jax.device_put(x, jax.devices()[0]), key))

@@ -37,8 +37,9 @@ from flax import nnx
 
 from ssl_jax.errors import ConfigError
 from ssl_jax.models.initializers import normal, partitioned
+from ssl_jax.models.regularizers import dropout, split_rng
 from ssl_jax.models.remat import policy_name
-from ssl_jax.models.transformer import Block, apply_block, dropout, layer_norm, over_rows, split_rng
+from ssl_jax.models.transformer import Block, apply_block, layer_norm, over_rows
 
 Cache = list[dict[str, jax.Array]]  # per layer: key and value, each (B, S, heads, head_dim)
 

@@ -126,7 +126,7 @@ class ViT(nnx.Module):
   Biases 0 and LayerNorm 1/0 in both.
 
   `drop_path_rate`: stochastic depth rising linearly over the blocks
-  (`transformer.drop_path_rates`), used only by calls that pass a `drop_path_key`.
+  (`regularizers.drop_path_rates`), used only by calls that pass a `drop_path_key`.
   """
 
   def __init__(self, *, patch_size: int, channels: int, width: int, depth: int,
