@@ -143,9 +143,13 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
   for this. So an odd length gets one zero token, which the kernel's padding
   mask (`query_seq_lengths`, `key_value_seq_lengths`) hides from every query,
   and its output row is dropped: the same attention over the real tokens.
+  Only on one device: jax's partitioning rule for the kernel gives the
+  length arrays no sharding of their own (`_fwd_shardy_rule`: "placeholders
+  for the remaining args"), and whether a batch-sharded call then compiles
+  was not checked (one GPU was lent); there, odd lengths stay on XLA's path.
   """
   t, s = q.shape[1], k.shape[1]
-  if mask is not None or (t % 2 == 0 and s % 2 == 0):
+  if mask is not None or (t % 2 == 0 and s % 2 == 0) or jax.device_count() > 1:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal,
                                         implementation=implementation)
 
