@@ -77,7 +77,15 @@ def resolve_config(config: ml_collections.ConfigDict, num_train_examples: int,
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Writes config.json; on resume, says which keys differ from the saved one."""
+  """Process 0 writes config.json; on resume it says which keys differ from the saved one.
+
+  The others neither read nor write it: a process reading while process 0
+  rewrote it once read an empty file and died (JSONDecodeError) in a
+  two-process resume. The write goes to a temporary file renamed over the
+  old one, so that no reader (a probe, a second launch) sees it half written.
+  """
+  if jax.process_index() != 0:
+    return
   path = workdir / 'config.json'
   new = json.loads(config.to_json_best_effort())
   if path.exists():
@@ -85,8 +93,9 @@ def write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None
     changed = sorted(_flat_diff(old, new))
     if changed:
       log_line(f'Note: resuming with config keys changed since the last run: {", ".join(changed)}')
-  if jax.process_index() == 0:
-    path.write_text(json.dumps(new, indent=2) + '\n')
+  temporary = workdir / 'config.json.tmp'
+  temporary.write_text(json.dumps(new, indent=2) + '\n')
+  temporary.replace(path)
 
 
 def _flat_diff(old: Any, new: Any, prefix: str = '') -> set[str]:

@@ -1,16 +1,20 @@
 """A run killed at any point and rerun ends exactly where an uninterrupted run ends."""
 
+import json
 import pathlib
 import shutil
 import signal
 import subprocess
 import time
 
+import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
-from ssl_jax import checkpoint
+from ssl_jax import checkpoint, train
 from tests import hand_written_forms, runner
 
 STEPS = ('--config.train.steps=40', '--config.train.checkpoint_every=10')
@@ -142,3 +146,20 @@ def test_latest_saved_step_is_the_checkpoint_managers(tmp_path):
   assert hand_written_forms.latest_saved_step(tmp_path / 'run') == 12
   assert ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
       read_only=True)).latest_step() == 12
+
+
+def test_only_process_0_reads_or_writes_config_json(tmp_path, monkeypatch, capsys):
+  """Another process once read config.json while process 0 rewrote it, found it empty and
+  died; now only process 0 touches it, and replaces it whole."""
+  config = ml_collections.ConfigDict({'a': 1, 'b': {'c': 2}})
+  saved = tmp_path / 'config.json'
+  saved.write_text('')  # What that reader saw mid-rewrite.
+  monkeypatch.setattr(jax, 'process_index', lambda: 1)
+  train.write_config(config, epath.Path(tmp_path))
+  assert saved.read_text() == ''
+  monkeypatch.setattr(jax, 'process_index', lambda: 0)
+  saved.write_text(json.dumps({'a': 1, 'b': {'c': 3}}))
+  train.write_config(config, epath.Path(tmp_path))
+  assert json.loads(saved.read_text()) == {'a': 1, 'b': {'c': 2}}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json']
+  assert 'config keys changed since the last run: b.c' in capsys.readouterr().out
