@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ssl_jax import sharding
+from ssl_jax import sharding, xla_options
 from ssl_jax.errors import ConfigError, DivergedError
 from ssl_jax.methods.base import Method
 from ssl_jax.metrics import log_line
@@ -98,7 +98,8 @@ def make_train_step(method: Method, graphdef: nnx.GraphDef, tx: optax.GradientTr
     return {'step': step + 1, **kept}, metrics
 
   return jax.jit(train_step, donate_argnums=0,
-                 out_shardings=(shardings, sharding.replicated(mesh)))
+                 out_shardings=(shardings, sharding.replicated(mesh)),
+                 compiler_options=xla_options.step_options(mesh.devices.flat[0].platform))
 
 
 # ------------------------------------------------------------------------------
