@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ssl_jax import sharding
+from ssl_jax import sharding, xla_options
 from ssl_jax.data import pipeline
 
 # Eval batches of sources smaller than this are kept in host memory between evals.
@@ -52,17 +52,24 @@ def valid_rows(fn: Callable[[dict], dict[str, jax.Array]], batches: Iterable[dic
   return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _features(method, graphdef: nnx.GraphDef, state: nnx.State,
               images: jax.Array) -> jax.Array:
   return method.features(nnx.merge(graphdef, state), images)
+
+
+@functools.cache
+def _jitted_features(platform: str) -> Callable:
+  """`_features` jitted with the train step's options (a ResNet-18's forward 1.3x on CPU)."""
+  return jax.jit(_features, static_argnums=(0, 1),
+                 compiler_options=xla_options.step_options(platform))
 
 
 def extract_features(method, encoder: nnx.Module, batches: Iterable[dict],
                      mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray]:
   """(features (N, D), labels (N,)) of `method.features` over a split, on every host."""
   graphdef, state = nnx.split(encoder)
-  rows = valid_rows(lambda b: {'features': _features(method, graphdef, state, b['image'])},
+  features = _jitted_features(mesh.devices.flat[0].platform)
+  rows = valid_rows(lambda b: {'features': features(method, graphdef, state, b['image'])},
                     batches, mesh)
   return rows['features'], rows['label']
 
