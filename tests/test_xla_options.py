@@ -1,5 +1,7 @@
 """XLA:CPU options of the train step: when they apply, that they reach XLA, same numbers."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from flax import nnx
 
 from ssl_jax import sharding, xla_options
+from ssl_jax.models import resnet
 from ssl_jax.models.resnet import ResNet
 from tests import test_sharded_step
 
@@ -60,3 +63,35 @@ def test_resnet_gradients_are_the_same_without_ynnpack_convolutions(no_user_flag
   for a, b in zip(jax.tree.leaves(without[1]), jax.tree.leaves(default[1]), strict=True):
     # Float rounding of other summation orders: ~3e-6 of the largest entry, here.
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5 * float(jnp.abs(b).max()))
+
+
+def transposes_that_recompute_relu(hlo: str) -> int:
+  """How many transposing fusions of compiled HLO text compute a ReLU (`maximum`) inside."""
+  bodies = dict(re.findall(r'^(%\S+) \(.*?\n(.*?)^}', hlo, re.M | re.S))
+  calls = re.findall(r'%transpose\S*fusion\S* = .*calls=(%[\w.\-]+)', hlo)
+  return sum(' maximum(' in bodies[name] for name in calls)
+
+
+def test_resnet_activations_are_materialized_for_the_kernel_gradients(no_user_flag, monkeypatch):
+  """`materialized` changes no number, and keeps XLA from recomputing ReLUs in transposes."""
+  mesh = sharding.make_mesh(sharding.mesh_config(1, 1, 1), jax.devices()[:1])
+  with sharding.activate(mesh, sharding.DEFAULT_RULES):
+    model = ResNet(18, stem='cifar', width_multiplier=0.25, channels=3, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
+
+  def loss(params):
+    out = nnx.merge(graphdef, params, rest, copy=True)(images, train=True)
+    return jnp.mean(out['pooled'] ** 2)
+
+  options = xla_options.step_options('cpu')
+  compiled = jax.jit(jax.value_and_grad(loss), compiler_options=options).lower(params).compile()
+  kept = compiled(params)
+  assert transposes_that_recompute_relu(compiled.as_text()) == 0
+  monkeypatch.setattr(resnet, 'materialized', lambda x: x)
+  fused = jax.jit(jax.value_and_grad(loss), compiler_options=options).lower(params).compile()
+  assert transposes_that_recompute_relu(fused.as_text()) > 0  # What the division prevents.
+  same = fused(params)
+  assert float(kept[0]) == float(same[0])
+  for a, b in zip(jax.tree.leaves(kept[1]), jax.tree.leaves(same[1]), strict=True):
+    np.testing.assert_array_equal(a, b)

@@ -43,6 +43,26 @@ RESNET_SIZES = {
 STAGE_WIDTHS = (64, 128, 256, 512)
 STEMS = ('imagenet', 'cifar')
 BN_MOMENTUM = 0.9  # Flax convention: new = 0.9 * old + 0.1 * batch (torch's momentum=0.1).
+
+
+def materialized(x: jax.Array) -> jax.Array:
+  """`x` itself (an exact division by one), which XLA:CPU computes once rather than per consumer.
+
+  A convolution's kernel gradient on XLA:CPU reads its input transposed to
+  (C, H, W, N). XLA fuses the ops that produce that input (BatchNorm, ReLU,
+  the residual adds of earlier blocks) into the transposing copy, recomputing
+  them there with the image-strided reads of a transpose: 100-325 ms per
+  copy of a (512, 32, 32, 16) activation, against ~18 ms for a plain
+  transpose (docs/benchmarks.md, "Kept", last sitting). XLA does not
+  duplicate an expensive op (a floating-point divide) into a second
+  consumer, so the activation is written once, by the forward pass, and the
+  backward transposes it plainly. The barrier keeps the divisor from being
+  folded to a constant. On other backends `x` as it is: there convolutions
+  fuse their producers (TPU) or read activations from memory anyway.
+  """
+  if jax.default_backend() != 'cpu':
+    return x
+  return x / jax.lax.optimization_barrier(jnp.ones((), x.dtype))
 BN_EPSILON = 1e-5
 
 
@@ -111,7 +131,8 @@ class BasicBlock(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """(B, H, W, C_in) -> (B, H / stride, W / stride, width)."""
-    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+    x = materialized(x)
+    y = materialized(jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train)))
     y = self.bn2(self.conv2(y), use_running_average=not train)
     shortcut = x if self.shortcut is None else self.shortcut(x, train=train)
     return jax.nn.relu(y + shortcut)
@@ -139,8 +160,9 @@ class Bottleneck(nnx.Module):
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """(B, H, W, C_in) -> (B, H / stride, W / stride, 4 * width)."""
-    y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
-    y = jax.nn.relu(self.bn2(self.conv2(y), use_running_average=not train))
+    x = materialized(x)
+    y = materialized(jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train)))
+    y = materialized(jax.nn.relu(self.bn2(self.conv2(y), use_running_average=not train)))
     y = self.bn3(self.conv3(y), use_running_average=not train)
     shortcut = x if self.shortcut is None else self.shortcut(x, train=train)
     return jax.nn.relu(y + shortcut)
@@ -226,7 +248,7 @@ class ResNet(nnx.Module):
     """
     if images.ndim != 4 or images.shape[-1] != self.channels:
       raise ValueError(f'ResNet expects (B, H, W, {self.channels}) images, got {images.shape}')
-    x = self.stem_conv(images.astype(self.dtype))
+    x = self.stem_conv(materialized(images.astype(self.dtype)))
     x = jax.nn.relu(self.stem_bn(x, use_running_average=not train))
     if self.stem == 'imagenet':
       # torch's MaxPool2d(3, 2, padding=1) pads with -inf, as reduce_window does.
