@@ -44,7 +44,8 @@ def test_the_train_step_compiles_with_the_options(monkeypatch):
     test_sharded_step.run_steps(config, jax.devices()[:1], num_steps=1)
 
 
-def test_resnet_gradients_are_the_same_without_ynnpack_convolutions(no_user_flag):
+def resnet_loss():
+  """(loss of a ResNet-18 w16's params on 8 random 16 px images, those params), on one CPU."""
   mesh = sharding.make_mesh(sharding.mesh_config(1, 1, 1), jax.devices()[:1])
   with sharding.activate(mesh, sharding.DEFAULT_RULES):
     model = ResNet(18, stem='cifar', width_multiplier=0.25, channels=3, rngs=nnx.Rngs(0))
@@ -55,6 +56,11 @@ def test_resnet_gradients_are_the_same_without_ynnpack_convolutions(no_user_flag
     out = nnx.merge(graphdef, params, rest, copy=True)(images, train=True)
     return jnp.mean(out['pooled'] ** 2)
 
+  return loss, params
+
+
+def test_resnet_gradients_are_the_same_without_ynnpack_convolutions(no_user_flag):
+  loss, params = resnet_loss()
   options = xla_options.step_options('cpu')
   assert options is not None
   default = jax.jit(jax.value_and_grad(loss))(params)
@@ -74,16 +80,7 @@ def transposes_that_recompute_relu(hlo: str) -> int:
 
 def test_resnet_activations_are_materialized_for_the_kernel_gradients(no_user_flag, monkeypatch):
   """`materialized` changes no number, and keeps XLA from recomputing ReLUs in transposes."""
-  mesh = sharding.make_mesh(sharding.mesh_config(1, 1, 1), jax.devices()[:1])
-  with sharding.activate(mesh, sharding.DEFAULT_RULES):
-    model = ResNet(18, stem='cifar', width_multiplier=0.25, channels=3, rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
-
-  def loss(params):
-    out = nnx.merge(graphdef, params, rest, copy=True)(images, train=True)
-    return jnp.mean(out['pooled'] ** 2)
-
+  loss, params = resnet_loss()
   options = xla_options.step_options('cpu')
   compiled = jax.jit(jax.value_and_grad(loss), compiler_options=options).lower(params).compile()
   kept = compiled(params)
