@@ -4,11 +4,12 @@ XLA:CPU in jaxlib 0.10.2 hands each convolution to YNNPACK (XNNPACK's
 successor) by default. Its kernel gradient of a thin convolution, a
 convolution whose 32 x 32 "window" is the whole image and whose features
 are the batch, runs at ~3 GFLOP/s: the stage-0 3x3 16 -> 16 kernel gradient
-of the SimCLR CIFAR workload (batch 512 x 32 x 32) took 442 ms; with
-YNNPACK's convolutions off XLA runs it through Eigen in 62 ms, and the
-forward and input-gradient convolutions of the wider stages ~2x faster too.
-The whole SimCLR side-by-side step went from 4.32 to 2.14 s (2.02x,
-docs/benchmarks.md, "Kept"). YNNPACK keeps the matmul and reduction fusions.
+of the SimCLR CIFAR workload (batch 512 x 32 x 32) took 462 ms; with
+YNNPACK's convolutions off XLA runs it through Eigen in 69 ms, and the
+forward and input-gradient convolutions of the wider stages up to ~2-4x
+faster too (`python -m benchmarks.conv_bench`). The whole SimCLR
+side-by-side step went from 4.24 to 2.17 s (1.95x, docs/benchmarks.md,
+"Kept"). YNNPACK keeps the matmul and reduction fusions.
 
 `step_options()` is what the train step and the evaluations' feature pass
 (`eval/passes.py`; a ResNet-18 forward at 32 px 1.3x) pass as `jax.jit(...,
@@ -31,8 +32,6 @@ import functools
 import importlib.metadata
 import os
 
-import jax
-
 YNN_FUSION_TYPES = 'xla_cpu_experimental_ynn_fusion_type'
 # jaxlib 0.10.2's YNNPACK fusion types, less individual_convolution (see above).
 CPU_YNN_WITHOUT_CONVOLUTIONS = 'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE'
@@ -44,9 +43,8 @@ def _jaxlib_version() -> str:
   return importlib.metadata.version('jaxlib')
 
 
-def step_options(platform: str | None = None) -> dict[str, str] | None:
-  """Compiler options for a jitted step on `platform` (default: jax's default backend)."""
-  platform = platform or jax.default_backend()
+def step_options(platform: str) -> dict[str, str] | None:
+  """Compiler options for a jitted step on `platform` ('cpu', 'gpu', 'tpu'), or None."""
   if (platform != 'cpu' or _jaxlib_version() != MEASURED_JAXLIB
       or YNN_FUSION_TYPES in os.environ.get('XLA_FLAGS', '')):
     return None

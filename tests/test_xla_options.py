@@ -37,7 +37,7 @@ def test_the_users_xla_flags_win(monkeypatch):
 
 def test_the_train_step_compiles_with_the_options(monkeypatch):
   # A value XLA rejects proves the step hands its options to the compiler.
-  monkeypatch.setattr(xla_options, 'step_options', lambda platform=None: {
+  monkeypatch.setattr(xla_options, 'step_options', lambda platform: {
       xla_options.YNN_FUSION_TYPES: 'LIBRARY_FUSION_TYPE_NO_SUCH_TYPE'})
   config = test_sharded_step.tiny_config('mae', 'sgd', dict(data=1, fsdp=1, tensor=1))
   with pytest.raises(Exception, match='NO_SUCH_TYPE'):

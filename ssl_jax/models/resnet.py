@@ -43,6 +43,7 @@ RESNET_SIZES = {
 STAGE_WIDTHS = (64, 128, 256, 512)
 STEMS = ('imagenet', 'cifar')
 BN_MOMENTUM = 0.9  # Flax convention: new = 0.9 * old + 0.1 * batch (torch's momentum=0.1).
+BN_EPSILON = 1e-5
 
 
 def materialized(x: jax.Array) -> jax.Array:
@@ -63,7 +64,6 @@ def materialized(x: jax.Array) -> jax.Array:
   if jax.default_backend() != 'cpu':
     return x
   return x / jax.lax.optimization_barrier(jnp.ones((), x.dtype))
-BN_EPSILON = 1e-5
 
 
 # torchvision: nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu'),
