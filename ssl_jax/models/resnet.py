@@ -29,6 +29,7 @@ from flax import nnx
 from ssl_jax.errors import ConfigError
 from ssl_jax.models.initializers import partitioned
 from ssl_jax.models.remat import checkpointed, policy_name
+from ssl_jax.models.strided_conv import conv_general_dilated
 
 Dtype = Any
 
@@ -74,13 +75,17 @@ kaiming_normal_fan_out = jax.nn.initializers.variance_scaling(
 
 def conv(in_features: int, out_features: int, kernel: int, stride: int = 1, *,
          in_logical_axis: str | None = 'conv_in', dtype: Dtype, rngs: nnx.Rngs) -> nnx.Conv:
-  """Bias-free k x k conv with torch's symmetric padding k // 2 (not XLA's 'SAME')."""
+  """Bias-free k x k conv with torch's symmetric padding k // 2 (not XLA's 'SAME').
+
+  Stride-2 convs take their input gradients from `strided_conv` on CPU.
+  """
   # 'SAME' pads (0, 1) for stride 2 on even sizes; torch pads (1, 1). Explicit
   # padding keeps the sampling grid, and so copied weights, identical.
   pad = kernel // 2
   return nnx.Conv(
       in_features, out_features, (kernel, kernel), strides=stride,
       padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype, rngs=rngs,
+      conv_general_dilated=conv_general_dilated,
       kernel_init=partitioned(kaiming_normal_fan_out, None, None, in_logical_axis, 'conv_out'))
 
 
