@@ -27,7 +27,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssl_jax import cli
+from ssl_jax import cli, host_memory
 from ssl_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -128,6 +128,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   cli.quiet_logging()
+  host_memory.keep_freed_memory()  # Before jax starts its backend.
   name = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--config='))
   if _TOP_OPS.value:  # Before jax starts its backend, which reads XLA_FLAGS once.
     from ssl_jax import profiling

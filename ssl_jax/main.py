@@ -17,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssl_jax import cli
+from ssl_jax import cli, host_memory
 from ssl_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -74,6 +74,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   cli.quiet_logging()
+  host_memory.keep_freed_memory()  # Before jax starts its backend.
   distributed = start_distributed()
   from ssl_jax import dry_run, train
   try:

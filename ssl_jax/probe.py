@@ -29,7 +29,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssl_jax import cli
+from ssl_jax import cli, host_memory
 from ssl_jax.errors import UserError
 
 _DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'probe.py')
@@ -307,6 +307,7 @@ def main(argv: list[str]) -> None:
   if bool(_WORKDIR.value) == bool(_EXPORT.value):
     sys.exit(f'error: give exactly one of --workdir and --export\nUsage: {USAGE}')
   cli.quiet_logging()
+  host_memory.keep_freed_memory()  # Before jax starts its backend.
   workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
   export_dir = workdir / 'export' if workdir else pathlib.Path(_EXPORT.value)
   try:

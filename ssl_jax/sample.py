@@ -20,7 +20,7 @@ from absl import app, flags
 from etils import epath
 from flax import nnx
 
-from ssl_jax import checkpoint, methods, sharding
+from ssl_jax import checkpoint, host_memory, methods, sharding
 from ssl_jax.cli import quiet_logging
 from ssl_jax.data.tokenizer import FILENAME, Tokenizer, load_tokenizer
 from ssl_jax.errors import UserError
@@ -105,6 +105,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}')
   quiet_logging()
+  host_memory.keep_freed_memory()  # Before jax starts its backend.
   try:
     texts = sample(epath.Path(_WORKDIR.value), _PROMPT.value,
                    max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value,
