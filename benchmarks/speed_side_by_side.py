@@ -4,7 +4,7 @@ Run from the repository root, in the project's venv:
 
   python -m benchmarks.speed_side_by_side --torch_python /work/torchvenv/bin/python \
       [--rounds 3] [--workloads gpt,simclr,mae] [--steps 10] [--warmup 3] \
-      [--out /tmp/speed_sbs] [--torch_threads N] [--bfloat16]
+      [--out /tmp/speed_sbs] [--torch_threads N] [--bfloat16] [--peer_keeps_freed_memory]
 
 For each round and workload it runs, each in its own process and one at a
 time, `python -m ssl_jax.bench` (the trainer's own jitted step, see
@@ -15,9 +15,14 @@ prints a JSON object as its last stdout line; this script reads
 `examples_per_s` (and `tokens_per_s` for gpt) from both and prints, per
 workload, the median over rounds with the min-max range and the ratio of the
 medians ssl_jax / PyTorch (> 1: ssl_jax is faster), then a JSON object as its
-last line. ssl_jax's time includes XLA's compile only in its separate
-`compile_s`, never in the step times; PyTorch eager compiles nothing; both
-skip --warmup steps before timing --steps.
+last line. `ssl_jax.bench` sets glibc's malloc to keep freed memory
+(`ssl_jax.host_memory`), as every ssl_jax entry point does; the peers run as
+their authors run them, with glibc's defaults, and with
+--peer_keeps_freed_memory also a third time, as `pytorch_kept`, under the same
+settings given as MALLOC_* environment variables. ssl_jax's time includes
+XLA's compile only in its separate `compile_s`, never in the step times;
+PyTorch eager compiles nothing; both skip --warmup steps before timing
+--steps.
 
 The three recipes, each the same model, batch and optimizer on both sides:
   gpt     nanoGPT's CPU recipe (4 layers, 128 wide, 4 heads, context 64, batch
@@ -68,6 +73,9 @@ GPT_OVERRIDES = {  # nanoGPT README L85's CPU shape, and nanoGPT's model (no bia
     'data.seq_len': 64, 'model.max_len': 64, 'data.batch_size': 12,
     'model.use_bias': False, 'model.gelu': 'erf',
 }
+# ssl_jax.host_memory's mallopt settings, as environment variables for a process not ours.
+KEPT_MALLOC_ENV = {'MALLOC_ARENA_MAX': '1', 'MALLOC_MMAP_MAX_': '0',
+                   'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1)}
 MAE_OVERRIDES = {  # mae_vit.py:local on 32 px RGB instead of 16 px grey digits.
     'data.image_size': 32, 'data.channels': 3, 'data.batch_size': 128,
     'data.mean': '(0.5,0.5,0.5)', 'data.std': '(0.5,0.5,0.5)',
@@ -107,7 +115,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
-  """workload -> per side and metric the spread over rounds, and the ratios of medians."""
+  """workload -> per side and metric the spread over rounds, and ssl_jax's ratio to each peer."""
   summary = {}
   for workload, sides in runs.items():
     entry = {}
@@ -115,8 +123,9 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
       if all(metric in r for side in sides.values() for r in side):
         entry[metric] = {side: spread([r[metric] for r in results])
                          for side, results in sides.items()}
-        entry[metric]['ratio'] = (entry[metric]['ssl_jax']['median']
-                                  / entry[metric]['pytorch']['median'])
+        for peer in (side for side in sides if side != 'ssl_jax'):
+          entry[metric]['ratio' if peer == 'pytorch' else f'ratio_{peer}'] = (
+              entry[metric]['ssl_jax']['median'] / entry[metric][peer]['median'])
     entry['step_time_s'] = {side: spread([r['step_time_s'] for r in results])
                             for side, results in sides.items()}
     summary[workload] = entry
@@ -124,17 +133,20 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
 
 
 def table(summary: dict[str, dict]) -> list[str]:
-  """Human-readable lines: median (min-max) per side and the ratio, per workload and metric."""
-  lines = [f"{'workload':8} {'metric':14} {'ssl_jax median (min-max)':>28} "
-           f"{'PyTorch median (min-max)':>28} {'ssl_jax/PyTorch':>16}"]
+  """Human-readable lines: median (min-max) per side and ssl_jax's ratio, per workload, metric
+  and peer (`pytorch_kept`: the peer with the same malloc settings as ssl_jax)."""
+  lines = [f"{'workload':8} {'metric':14} {'peer':13} {'ssl_jax median (min-max)':>28} "
+           f"{'peer median (min-max)':>28} {'ssl_jax/peer':>13}"]
   for workload, entry in summary.items():
     for metric in ('examples_per_s', 'tokens_per_s'):
       if metric in entry:
         m = entry[metric]
-        cells = [f"{m[s]['median']:.1f} ({m[s]['min']:.1f}-{m[s]['max']:.1f})"
-                 for s in ('ssl_jax', 'pytorch')]
-        lines.append(f"{workload:8} {metric:14} {cells[0]:>28} {cells[1]:>28} "
-                     f"{m['ratio']:>16.2f}")
+        for peer in (side for side in m if side.startswith('pytorch')):
+          ratio = m['ratio' if peer == 'pytorch' else f'ratio_{peer}']
+          cells = [f"{m[s]['median']:.1f} ({m[s]['min']:.1f}-{m[s]['max']:.1f})"
+                   for s in ('ssl_jax', peer)]
+          lines.append(f"{workload:8} {metric:14} {peer:13} {cells[0]:>28} {cells[1]:>28} "
+                       f"{ratio:>13.2f}")
   return lines
 
 
@@ -149,6 +161,9 @@ def main():
   parser.add_argument('--torch_threads', type=int, default=None, help="default: torch's own")
   parser.add_argument('--bfloat16', action='store_true',
                       help='both sides compute in bfloat16 (float32 parameters)')
+  parser.add_argument('--peer_keeps_freed_memory', action='store_true',
+                      help="also run each PyTorch peer with ssl_jax's malloc settings "
+                           "(ssl_jax.host_memory), as a third side 'pytorch_kept'")
   args = parser.parse_args()
   dtype = 'bfloat16' if args.bfloat16 else 'float32'
   workloads = args.workloads.split(',')
@@ -158,16 +173,18 @@ def main():
   train = os.path.join(args.out, 'train.npz')
   if not os.path.exists(train):
     train, _ = write_data(args.out)
-  runs = {w: {'ssl_jax': [], 'pytorch': []} for w in workloads}
+  sides = ['ssl_jax', 'pytorch'] + (['pytorch_kept'] if args.peer_keeps_freed_memory else [])
+  runs = {w: {side: [] for side in sides} for w in workloads}
   for round_ in range(args.rounds):
     for workload in workloads:
-      commands = {
-          'ssl_jax': ours_command(workload, train, args.warmup, args.steps, dtype),
-          'pytorch': torch_command(args.torch_python, workload, args.warmup, args.steps,
-                                   args.torch_threads, dtype)}
-      order = ['ssl_jax', 'pytorch'] if round_ % 2 == 0 else ['pytorch', 'ssl_jax']
+      peer = torch_command(args.torch_python, workload, args.warmup, args.steps,
+                           args.torch_threads, dtype)
+      commands = {'ssl_jax': ours_command(workload, train, args.warmup, args.steps, dtype),
+                  'pytorch': peer, 'pytorch_kept': peer}
+      order = sides if round_ % 2 == 0 else sides[::-1]
       for side in order:
-        result = run_json(commands[side])
+        result = run_json(commands[side], env={**os.environ, **KEPT_MALLOC_ENV} if (
+            side == 'pytorch_kept') else None)
         if 'error' in result:
           raise SystemExit(f"error: {result['error']}")
         runs[workload][side].append(result)

@@ -55,7 +55,7 @@ def materialized(x: jax.Array) -> jax.Array:
   the residual adds of earlier blocks) into the transposing copy, recomputing
   them there with the image-strided reads of a transpose: 100-325 ms per
   copy of a (512, 32, 32, 16) activation, against ~18 ms for a plain
-  transpose (docs/benchmarks.md, "Kept", last sitting). XLA does not
+  transpose (docs/benchmarks.md, "Kept", 30 November). XLA does not
   duplicate an expensive op (a floating-point divide) into a second
   consumer, so the activation is written once, by the forward pass, and the
   backward transposes it plainly. The barrier keeps the divisor from being
