@@ -60,6 +60,7 @@ import numpy as np
 
 from benchmarks.processes import run_json
 from benchmarks.simclr_side_by_side import write_data
+from ssl_jax import host_memory
 
 SIMCLR_OVERRIDES = {  # benchmarks/simclr_side_by_side.py's recipe, less its evals.
     'data.batch_size': 256, 'data.image_size': 32, 'data.num_workers': 0, 'augment.size': 32,
@@ -73,9 +74,6 @@ GPT_OVERRIDES = {  # nanoGPT README L85's CPU shape, and nanoGPT's model (no bia
     'data.seq_len': 64, 'model.max_len': 64, 'data.batch_size': 12,
     'model.use_bias': False, 'model.gelu': 'erf',
 }
-# ssl_jax.host_memory's mallopt settings, as environment variables for a process not ours.
-KEPT_MALLOC_ENV = {'MALLOC_ARENA_MAX': '1', 'MALLOC_MMAP_MAX_': '0',
-                   'MALLOC_TRIM_THRESHOLD_': str(2**31 - 1)}
 MAE_OVERRIDES = {  # mae_vit.py:local on 32 px RGB instead of 16 px grey digits.
     'data.image_size': 32, 'data.channels': 3, 'data.batch_size': 128,
     'data.mean': '(0.5,0.5,0.5)', 'data.std': '(0.5,0.5,0.5)',
@@ -183,7 +181,7 @@ def main():
                   'pytorch': peer, 'pytorch_kept': peer}
       order = sides if round_ % 2 == 0 else sides[::-1]
       for side in order:
-        result = run_json(commands[side], env={**os.environ, **KEPT_MALLOC_ENV} if (
+        result = run_json(commands[side], env={**os.environ, **host_memory.ENVIRONMENT} if (
             side == 'pytorch_kept') else None)
         if 'error' in result:
           raise SystemExit(f"error: {result['error']}")

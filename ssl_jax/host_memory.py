@@ -36,9 +36,12 @@ import os
 from absl import logging
 
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # glibc's malloc.h
-USER_SETTINGS = ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_',
-                 'MALLOC_MMAP_THRESHOLD_', 'GLIBC_TUNABLES')
-SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+# (mallopt parameter, its environment variable, value).
+SETTINGS = ((M_ARENA_MAX, 'MALLOC_ARENA_MAX', 1), (M_MMAP_MAX, 'MALLOC_MMAP_MAX_', 0),
+            (M_TRIM_THRESHOLD, 'MALLOC_TRIM_THRESHOLD_', 2**31 - 1))
+# The same settings for a process started with them (benchmarks/speed_side_by_side.py's peers).
+ENVIRONMENT = {name: str(value) for _, name, value in SETTINGS}
+USER_SETTINGS = (*ENVIRONMENT, 'MALLOC_MMAP_THRESHOLD_', 'GLIBC_TUNABLES')
 
 
 def glibc() -> ctypes.CDLL | None:
@@ -65,7 +68,7 @@ def keep_freed_memory() -> bool:
   libc = glibc()
   if libc is None:
     return False
-  done = all(libc.mallopt(param, value) == 1 for param, value in SETTINGS)
+  done = all(libc.mallopt(param, value) == 1 for param, _, value in SETTINGS)
   if not done:
     logging.warning('host memory: mallopt refused a setting; malloc may still unmap freed memory')
   return done

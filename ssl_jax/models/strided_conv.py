@@ -25,7 +25,7 @@ conv's input gradient took 108-114 ms against 11 ms for its forward pass.
 
 Everything else (other strides, kernels, padding, dilation, groups, odd
 sizes, other backends) goes to `lax.conv_general_dilated` unchanged. The
-results equal XLA's to float32 rounding (`tests/test_resnet.py`).
+results equal XLA's to float32 rounding (`tests/test_strided_conv.py`).
 """
 
 import functools
@@ -64,6 +64,7 @@ def input_gradient(dy: jax.Array, w: jax.Array, precision: Any = None) -> jax.Ar
   """
   batch, rows, cols, _ = dy.shape
   padded = jnp.pad(dy, ((0, 0), (0, 1), (0, 1), (0, 0)))
+
   def taps(parity: int, length: int) -> tuple[list[int], slice]:  # kernel taps, dy span
     return ([1], slice(0, length)) if parity == 0 else ([2, 0], slice(0, length + 1))
 
