@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from ssl_jax import host_memory
 from ssl_jax.models.transformer import attend
 
 _BATCH = flags.DEFINE_integer('batch', 128, 'Batch.')
@@ -34,6 +35,7 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed calls a round.')
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory()  # As the entry points do, before jax starts its backend.
   shape = (_BATCH.value, _LENGTH.value, _HEADS.value, _HEAD_DIM.value)
   q, k, v, w = (jax.random.normal(key, shape) for key in jax.random.split(jax.random.key(0), 4))
   causal = _CAUSAL.value

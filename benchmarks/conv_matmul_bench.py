@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssl_jax import sharding
+from ssl_jax import host_memory, sharding
 from ssl_jax.models.resnet import ResNet
 
 
@@ -57,6 +57,7 @@ def loss_and_grads(impl: str):
 
 
 def main():
+  host_memory.keep_freed_memory()  # As the entry points do, before jax starts its backend.
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=256)
   parser.add_argument('--rounds', type=int, default=5)

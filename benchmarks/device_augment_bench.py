@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from ssl_jax import host_memory
 from ssl_jax.data import augment, pipeline
 from ssl_jax.data import device_augment as da
 
@@ -107,6 +108,7 @@ def device_two_colours(strength: float, blur_prob: float):
 
 def main() -> None:
   """Times both sides of every recipe in alternation and prints a table."""
+  host_memory.keep_freed_memory()  # As the entry points do, before jax starts its backend.
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--batch', type=int, default=256)
   parser.add_argument('--size', type=int, default=32)

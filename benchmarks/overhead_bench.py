@@ -39,7 +39,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from ssl_jax import sharding, train
+from ssl_jax import host_memory, sharding, train
 from ssl_jax.train_step import make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:variant].')
@@ -136,6 +136,7 @@ def loop_step_time(argv_overrides: list[str]) -> float | None:
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory()  # As the entry points do, before jax starts its backend.
   overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
   with tempfile.TemporaryDirectory() as workdir:
     rounds = jitted_sides(_CONFIG.value, workdir)

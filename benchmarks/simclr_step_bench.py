@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 from benchmarks.device_augment_bench import host_view
-from ssl_jax import losses, methods, sharding, train
+from ssl_jax import host_memory, losses, methods, sharding, train
 from ssl_jax.data import pipeline
 
 
@@ -63,6 +63,7 @@ def build(config):
 
 
 def main():
+  host_memory.keep_freed_memory()  # As the entry points do, before jax starts its backend.
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='configs/simclr_resnet.py:cifar10')
   parser.add_argument('--batch', type=int, default=128)

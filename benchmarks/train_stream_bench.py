@@ -34,7 +34,7 @@ from absl import flags
 
 sys.path.insert(0, os.getcwd())  # The checkout being timed, not this script's.
 
-from ssl_jax import methods, sharding, train  # noqa: E402
+from ssl_jax import host_memory, methods, sharding, train  # noqa: E402
 from ssl_jax.data import streams  # noqa: E402
 
 
@@ -69,6 +69,7 @@ def synthetic_npz(shape: str, directory: str) -> str:
 
 
 def main() -> None:
+  host_memory.keep_freed_memory()  # As the entry points do, before jax starts its backend.
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', required=True)
   parser.add_argument('--batch', type=int, default=None, help='global batch (default: config)')

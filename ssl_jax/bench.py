@@ -9,7 +9,9 @@ removed afterwards, compiles it apart, runs the warm-up and measured steps
 and prints a table; the last stdout line is the same as JSON (`step_time_s`,
 `flops_per_step`, `mfu`, ...). `--top_ops=N` traces 3 more steps with
 `jax.profiler` and lists the N compiled HLO ops that took longest, each with
-its shape and the jax operation it came from: where the time goes. It also
+its shape and the jax operation it came from: where the time goes, and the
+share of the traced timeline during which any named op ran (what the list
+cannot see: XLA:CPU's Eigen convolutions, host gaps). It also
 turns off XLA:GPU's CUDA graphs for the run (`profiling.flags_for_trace`), so that on a
 GPU each kernel is its own op rather than one graph for the step. MFU
 is the model's analytic FLOPs over the device's dense bf16 peak
@@ -88,25 +90,43 @@ def table(results: dict[str, Any]) -> list[str]:
                  '(thread time; ops on parallel threads add up):')
     lines += [f"{1e3 * op['s_per_step']:9.2f} ms {100 * op['share']:5.1f}%  {op['op']:32s} "
               f"{op['shape_and_source']}" for op in r['top_ops']]
+    timeline = r['top_ops_timeline']
+    lines.append(f"Named HLO ops ran during {100 * timeline['busy_fraction']:.0f}% of the traced "
+                 f"timeline ({1e3 * timeline['busy_s_per_step']:.1f} of "
+                 f"{1e3 * timeline['span_s_per_step']:.1f} ms a step); the rest is work without an "
+                 "op name (XLA:CPU's Eigen convolutions) and host time between ops.")
   return lines
 
 
-def top_ops(trace_dir: str, hlo_text: str, count: int) -> list[dict[str, Any]]:
-  """The `count` HLO ops with the most traced time, per step, with their share of all ops."""
+def top_ops(trace_dir: str, hlo_text: str, count: int) -> dict[str, Any]:
+  """The `count` HLO ops with the most traced time and how much of the timeline ops covered.
+
+  -> {'top_ops': [per op: time per step, share of all ops' time, shape and
+  source], 'top_ops_timeline': the named ops' busy time and span per step
+  (`profiling.busy_and_span`) and busy / span}.
+  """
   from ssl_jax import profiling  # Imports jax: after flag parsing, as in `bench`.
-  seconds = profiling.hlo_op_times(trace_dir)
+  events = profiling.hlo_events(trace_dir)
+  seconds = profiling.hlo_op_times(events)
   total = sum(seconds.values()) or 1.0
   ranked = seconds.most_common(count)
   described = profiling.describe_ops(hlo_text, [op for op, _ in ranked])
-  return [{'op': op, 's_per_step': t / TRACE_STEPS, 'share': t / total,
-           'shape_and_source': described.get(op, '')} for op, t in ranked]
+  busy, span = profiling.busy_and_span(events)
+  return {
+      'top_ops': [{'op': op, 's_per_step': t / TRACE_STEPS, 'share': t / total,
+                   'shape_and_source': described.get(op, '')} for op, t in ranked],
+      'top_ops_timeline': {'busy_s_per_step': busy / TRACE_STEPS,
+                           'span_s_per_step': span / TRACE_STEPS,
+                           'busy_fraction': busy / span if span else 0.0}}
 
 
 def bench(config, name: str, warmup_steps: int, steps: int,
           ops: int = 0) -> dict[str, Any]:
   """Times `config`'s train step in a temporary workdir; returns the results dict.
 
-  `ops` > 0 adds 'top_ops', the longest HLO ops of TRACE_STEPS traced steps.
+  `ops` > 0 adds 'top_ops', the longest HLO ops of TRACE_STEPS traced steps,
+  and 'top_ops_timeline', the share of those steps' timeline that any
+  named op covered.
   """
   from ssl_jax import step_bench  # After flag parsing: a bad flag costs no jax start-up.
   if steps < 1 or warmup_steps < 0 or ops < 0:
@@ -115,12 +135,9 @@ def bench(config, name: str, warmup_steps: int, steps: int,
   with tempfile.TemporaryDirectory(prefix='ssl_jax_bench_') as workdir:
     times = step_bench.time_train_step(config, workdir, warmup_steps=warmup_steps, steps=steps,
                                        trace_steps=TRACE_STEPS if ops else 0)
-    ranked = top_ops(f'{workdir}/trace', times.hlo_text, ops) if ops else None
+    ranked = top_ops(f'{workdir}/trace', times.hlo_text, ops) if ops else {}
   peak, source = step_bench.peak_flops_per_device()
-  results = step_bench.summary(name, times, peak, source)
-  if ranked:
-    results['top_ops'] = ranked
-  return results
+  return step_bench.summary(name, times, peak, source) | ranked
 
 
 def main(argv: list[str]) -> None:

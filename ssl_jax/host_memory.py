@@ -23,7 +23,8 @@ guide recommends the same reuse through jemalloc or TCMalloc.
 It must run before jax starts its backend: a thread's arena is chosen at its
 first allocation, and glibc fixes the arena limit when the first extra arena
 is made. The entry points (`ssl_jax.main`, `ssl_jax.bench`, `ssl_jax.probe`,
-`ssl_jax.sample`) call it first. It does nothing where the C library is not
+`ssl_jax.sample`) call it first, and so do the benchmark scripts that time
+jax in their own process. It does nothing where the C library is not
 glibc, where the user already chose (any of those variables, or
 `GLIBC_TUNABLES`, or a malloc preloaded through LD_PRELOAD), or with
 SSL_JAX_KEEP_FREED_MEMORY=0.

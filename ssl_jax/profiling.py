@@ -10,8 +10,9 @@ trace stops, so its device work is inside the trace
 (jax.readthedocs.io/en/latest/profiling.html).
 
 `hlo_op_times` reads such a trace back as time per compiled HLO op (XLA:CPU
-records one event per thunk, with its `hlo_op`), and `describe_ops` finds
-each op's shape and source in the compiled HLO text: what
+records one event per thunk, with its `hlo_op`), `busy_and_span` how much of
+the traced timeline those ops cover, and `describe_ops` finds each op's
+shape and source in the compiled HLO text: what
 `python -m ssl_jax.bench --top_ops=N` prints, with XLA:GPU's CUDA graphs off
 (`flags_for_trace`).
 """
@@ -63,13 +64,8 @@ class StepProfiler:
       jax.profiler.stop_trace()
 
 
-def hlo_op_times(directory: epath.PathLike) -> collections.Counter:
-  """{HLO op name: seconds} summed over the newest Perfetto trace under `directory`.
-
-  Only events that carry an `hlo_op` (XLA's thunks) count; the times of ops
-  that ran in parallel on different threads add up, so the sum can exceed
-  the wall time.
-  """
+def hlo_events(directory: epath.PathLike) -> list[dict[str, Any]]:
+  """The complete events that carry an `hlo_op` (XLA's thunks) in the newest Perfetto trace."""
   traces = sorted(epath.Path(directory).glob('plugins/profile/*/perfetto_trace.json.gz'),
                   key=lambda p: p.stat().mtime)
   if not traces:
@@ -77,12 +73,40 @@ def hlo_op_times(directory: epath.PathLike) -> collections.Counter:
   with gzip.open(traces[-1].as_posix(), 'rt') as f:
     events = json.load(f)
   events = events['traceEvents'] if isinstance(events, dict) else events
+  return [e for e in events if e.get('ph') == 'X' and (e.get('args') or {}).get('hlo_op')]
+
+
+def hlo_op_times(events: list[dict[str, Any]]) -> collections.Counter:
+  """{HLO op name: seconds} summed over `events` (`hlo_events`).
+
+  The times of ops that ran in parallel on different threads add up, so the
+  sum can exceed the wall time.
+  """
   seconds = collections.Counter()
   for event in events:
-    op = (event.get('args') or {}).get('hlo_op')
-    if event.get('ph') == 'X' and op:
-      seconds[op] += event.get('dur', 0.0) * 1e-6
+    seconds[event['args']['hlo_op']] += event.get('dur', 0.0) * 1e-6
   return seconds
+
+
+def busy_and_span(events: list[dict[str, Any]]) -> tuple[float, float]:
+  """(busy, span) seconds of `events` on the timeline, whatever their threads.
+
+  busy is the union of their [ts, ts + dur) intervals: the time during which
+  at least one named op ran; span runs from the first start to the last end.
+  What is not busy ran without an HLO op name (XLA:CPU's Eigen convolutions
+  finish on Eigen's pool after their thunk's event ends) or is host time
+  between ops, which a list of the longest ops cannot show.
+  """
+  intervals = sorted((e['ts'], e['ts'] + e.get('dur', 0.0)) for e in events)
+  if not intervals:
+    return 0.0, 0.0
+  busy, (start, end) = 0.0, intervals[0]
+  for begin, finish in intervals[1:]:
+    if begin > end:
+      busy, start = busy + end - start, begin
+    end = max(end, finish)
+  busy += end - start
+  return busy * 1e-6, (end - intervals[0][0]) * 1e-6
 
 
 def describe_ops(hlo_text: str, names: list[str]) -> dict[str, str]:

@@ -73,6 +73,21 @@ def test_bench_of_a_tiny_gpt(tmp_path):
   assert all(op['shape_and_source'].startswith(('f32[', 's32[', 'u32[', 'pred[', '('))
              for op in ops), ops
   assert any('jit(train_step)' in op['shape_and_source'] for op in ops), ops
+  # The timeline's busy time is a union: at most the span, at most all ops' summed time.
+  timeline = results['top_ops_timeline']
+  all_ops_s = ops[0]['s_per_step'] / ops[0]['share']
+  assert 0 < timeline['busy_s_per_step'] <= min(timeline['span_s_per_step'], all_ops_s * 1.000001)
+  assert math.isclose(timeline['busy_fraction'],
+                      timeline['busy_s_per_step'] / timeline['span_s_per_step'])
+
+
+def test_busy_time_is_the_union_of_the_ops_intervals():
+  # Thread 1: [0, 4) and [10, 12); thread 2: [3, 6), inside nothing else, and [7, 8).
+  events = [{'ts': ts, 'dur': dur, 'tid': tid} for ts, dur, tid in
+            [(0, 4, 1), (10, 2, 1), (3, 3, 2), (7, 1, 2), (1, 1, 2)]]
+  busy, span = profiling.busy_and_span(events)
+  assert math.isclose(busy, (6 + 1 + 2) * 1e-6) and math.isclose(span, 12e-6)
+  assert profiling.busy_and_span([]) == (0.0, 0.0)
 
 
 def test_top_ops_turns_off_cuda_graphs_unless_the_user_chose():
