@@ -14,13 +14,12 @@ then a JSON line.
 """
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
+from benchmarks import alternating
 from ssl_jax import host_memory
 from ssl_jax.models.transformer import attend
 
@@ -50,18 +49,10 @@ def main(argv):
   grads = {name: step(q, k, v)[1] for name, step in steps.items()}
   difference = max(float(jnp.abs(a - b).max())
                    for a, b in zip(grads['einsums'], grads['jax_xla'], strict=True))
-  times = {name: [] for name in steps}
-  for r in range(_ROUNDS.value):
-    for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
-      jax.block_until_ready(steps[name](q, k, v))
-      start = time.perf_counter()
-      for _ in range(_STEPS.value):
-        jax.block_until_ready(steps[name](q, k, v))
-      times[name].append((time.perf_counter() - start) / _STEPS.value)
-  result = {name: float(np.median(t)) for name, t in times.items()}
-  for name, seconds in result.items():
-    print(f'{name:8s} {1e3 * seconds:8.2f} ms  (rounds: '
-          f'{", ".join(f"{1e3 * t:.1f}" for t in times[name])})')
+  times = alternating.time_rounds(
+      {name: lambda step=step: jax.block_until_ready(step(q, k, v))
+       for name, step in steps.items()}, _ROUNDS.value, _STEPS.value)
+  result = alternating.report(times)
   print(f'jax_xla / einsums: {result["jax_xla"] / result["einsums"]:.2f}x; '
         f'largest gradient difference {difference:.2e}')
   print(json.dumps({'shape': shape, 'causal': causal, 'step_time_s': result,

@@ -3,26 +3,31 @@ r"""PyTorch's CPU attention, forward + backward, at benchmarks/attention_bench.p
   /work/torchvenv/bin/python benchmarks/attention_torch.py [--batch 128 --length 65 \
       --heads 4 --head_dim 16] [--causal] [--rounds 5 --steps 10]
 
-The peer side of `python -m benchmarks.attention_bench` (issue 15): the same
-(B, T, heads, head_dim) queries, keys and values and the same scalar
-(the output weighted by a fixed random array, summed), differentiated with
-respect to all three. `sdpa` is `F.scaled_dot_product_attention`, what the
-MAE and GPT peers of `benchmarks/torch_peers.py` call (timm's `fused_attn`,
-nanoGPT's flash path); `explicit` is the softmax of two matmuls (timm's
-path without it). Both take q, k and v as (B, heads, T, E) views of the
-(B, T, heads, E) arrays, as the peers' `Attention` does. Rounds alternate the
-two; prints the median of each, then a JSON line. Uses only torch and numpy:
-run it in the PyTorch venv, right after attention_bench in the project's, on
-an idle machine (it drifts up to 2x), and compare.
+The peer side of `python -m benchmarks.attention_bench` (issue 15): random
+(B, T, heads, head_dim) queries, keys and values of the same shapes (not the same
+numbers) and the same kind of scalar (the output weighted by a fixed random
+array, summed), differentiated with respect to all three. `sdpa` is
+`F.scaled_dot_product_attention`, what the MAE and GPT peers of
+`benchmarks/torch_peers.py` call (timm's `fused_attn`, nanoGPT's flash path);
+`explicit` is the softmax of two matmuls (timm's path without it). Both take
+q, k and v as (B, heads, T, E) views of the (B, T, heads, E) arrays, as the
+peers' `Attention` does. Rounds alternate the two (`alternating.py`, beside
+this script); prints the median of each, then a JSON line. Uses only torch and
+that pure-Python helper: run it in the PyTorch venv, right after
+attention_bench in the project's, on an idle machine (it drifts up to 2x), and
+compare.
 """
 
 import argparse
 import json
-import time
+import os
+import sys
 
-import numpy as np
 import torch
 from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import alternating  # noqa: E402  (pure Python, beside this script)
 
 
 def explicit(q, k, v, causal):
@@ -60,18 +65,10 @@ def main():
 
   grads = {name: step(kernel) for name, kernel in kernels.items()}
   difference = max(float((a - b).abs().max()) for a, b in zip(*grads.values(), strict=True))
-  times = {name: [] for name in kernels}
-  for r in range(args.rounds):
-    for name in (list(kernels) if r % 2 == 0 else list(kernels)[::-1]):
-      step(kernels[name])
-      start = time.perf_counter()
-      for _ in range(args.steps):
-        step(kernels[name])
-      times[name].append((time.perf_counter() - start) / args.steps)
-  result = {name: float(np.median(t)) for name, t in times.items()}
-  for name, seconds in result.items():
-    print(f'{name:8s} {1e3 * seconds:8.2f} ms  (rounds: '
-          f'{", ".join(f"{1e3 * t:.1f}" for t in times[name])})')
+  times = alternating.time_rounds(
+      {name: lambda kernel=kernel: step(kernel) for name, kernel in kernels.items()},
+      args.rounds, args.steps)
+  result = alternating.report(times)
   print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; largest gradient '
         f'difference {difference:.2e}')
   print(json.dumps({'shape': shape, 'causal': args.causal, 'step_time_s': result,
