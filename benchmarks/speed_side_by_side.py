@@ -112,6 +112,11 @@ def spread(values: list[float]) -> dict[str, float]:
   return {'median': float(np.median(values)), 'min': min(values), 'max': max(values)}
 
 
+def ratio_key(peer: str) -> str:
+  """Where the summary keeps ssl_jax's ratio to `peer`: 'ratio' for 'pytorch', else 'ratio_PEER'."""
+  return 'ratio' if peer == 'pytorch' else f'ratio_{peer}'
+
+
 def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
   """workload -> per side and metric the spread over rounds, and ssl_jax's ratio to each peer."""
   summary = {}
@@ -122,7 +127,7 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict]:
         entry[metric] = {side: spread([r[metric] for r in results])
                          for side, results in sides.items()}
         for peer in (side for side in sides if side != 'ssl_jax'):
-          entry[metric]['ratio' if peer == 'pytorch' else f'ratio_{peer}'] = (
+          entry[metric][ratio_key(peer)] = (
               entry[metric]['ssl_jax']['median'] / entry[metric][peer]['median'])
     entry['step_time_s'] = {side: spread([r['step_time_s'] for r in results])
                             for side, results in sides.items()}
@@ -140,7 +145,7 @@ def table(summary: dict[str, dict]) -> list[str]:
       if metric in entry:
         m = entry[metric]
         for peer in (side for side in m if side.startswith('pytorch')):
-          ratio = m['ratio' if peer == 'pytorch' else f'ratio_{peer}']
+          ratio = m[ratio_key(peer)]
           cells = [f"{m[s]['median']:.1f} ({m[s]['min']:.1f}-{m[s]['max']:.1f})"
                    for s in ('ssl_jax', peer)]
           lines.append(f"{workload:8} {metric:14} {peer:13} {cells[0]:>28} {cells[1]:>28} "
@@ -173,6 +178,7 @@ def main():
     train, _ = write_data(args.out)
   sides = ['ssl_jax', 'pytorch'] + (['pytorch_kept'] if args.peer_keeps_freed_memory else [])
   runs = {w: {side: [] for side in sides} for w in workloads}
+  environments = {'pytorch_kept': {**os.environ, **host_memory.ENVIRONMENT}}  # Else inherited.
   for round_ in range(args.rounds):
     for workload in workloads:
       peer = torch_command(args.torch_python, workload, args.warmup, args.steps,
@@ -181,8 +187,7 @@ def main():
                   'pytorch': peer, 'pytorch_kept': peer}
       order = sides if round_ % 2 == 0 else sides[::-1]
       for side in order:
-        result = run_json(commands[side], env={**os.environ, **host_memory.ENVIRONMENT} if (
-            side == 'pytorch_kept') else None)
+        result = run_json(commands[side], env=environments.get(side))
         if 'error' in result:
           raise SystemExit(f"error: {result['error']}")
         runs[workload][side].append(result)

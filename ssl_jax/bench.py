@@ -94,7 +94,7 @@ def table(results: dict[str, Any]) -> list[str]:
     lines.append(f"Named HLO ops ran during {100 * timeline['busy_fraction']:.0f}% of the traced "
                  f"timeline ({1e3 * timeline['busy_s_per_step']:.1f} of "
                  f"{1e3 * timeline['span_s_per_step']:.1f} ms a step); the rest is work without an "
-                 "op name (XLA:CPU's Eigen convolutions) and host time between ops.")
+                 "op name (on XLA:CPU, Eigen's convolutions) and time between ops.")
   return lines
 
 
