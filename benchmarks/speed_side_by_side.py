@@ -4,7 +4,8 @@ Run from the repository root, in the project's venv:
 
   python -m benchmarks.speed_side_by_side --torch_python /work/torchvenv/bin/python \
       [--rounds 3] [--workloads gpt,simclr,mae] [--steps 10] [--warmup 3] \
-      [--out /tmp/speed_sbs] [--torch_threads N] [--bfloat16] [--peer_keeps_freed_memory]
+      [--out /tmp/speed_sbs] [--torch_threads N] [--bfloat16] [--peer_keeps_freed_memory] \
+      [--peer_reads_images]
 
 For each round and workload it runs, each in its own process and one at a
 time, `python -m ssl_jax.bench` (the trainer's own jitted step, see
@@ -37,7 +38,11 @@ The three recipes, each the same model, batch and optimizer on both sides:
           0.75, norm_pix_loss, AdamW.
 The images for ssl_jax's simclr and mae are OUT/train.npz, scikit-learn's
 digits upsampled to 32x32 RGB (simclr_side_by_side.write_data), written once;
-the PyTorch peers draw random tensors of the same shapes.
+the PyTorch peers draw random tensors of the same shapes. With
+--peer_reads_images the mae peer reads OUT/train.npz too, through MAE's own
+DataLoader and crops (benchmarks/torch_mae_data.py) fetched inside its
+timed step, as ssl_jax's bench fetches each batch from its host pipeline:
+then both sides pay for cropping on the same cores.
 
 Both sides compute in float32, as the peers' authors run them on a CPU.
 --bfloat16 puts both in bfloat16 with float32 parameters: ssl_jax's
@@ -98,13 +103,18 @@ def ours_command(workload: str, train: str, warmup: int, steps: int,
 
 
 def torch_command(python: str, workload: str, warmup: int, steps: int,
-                  threads: int | None, dtype: str = 'float32') -> list[str]:
-  """benchmarks/torch_peers.py for `workload` under the torch venv's `python`."""
+                  threads: int | None, dtype: str = 'float32',
+                  images: str | None = None) -> list[str]:
+  """benchmarks/torch_peers.py for `workload` under the torch venv's `python`.
+
+  `images`: an npz the mae peer reads through MAE's DataLoader (else random batches).
+  """
   here = os.path.dirname(os.path.abspath(__file__))
   return ([python, os.path.join(here, 'torch_peers.py'), '--workload', workload,
            '--warmup', str(warmup), '--steps', str(steps)]
           + (['--threads', str(threads)] if threads else [])
-          + (['--autocast', dtype] if dtype != 'float32' else []))
+          + (['--autocast', dtype] if dtype != 'float32' else [])
+          + (['--images', images] if images and workload == 'mae' else []))
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -167,6 +177,9 @@ def main():
   parser.add_argument('--peer_keeps_freed_memory', action='store_true',
                       help="also run each PyTorch peer with ssl_jax's malloc settings "
                            "(ssl_jax.host_memory), as a third side 'pytorch_kept'")
+  parser.add_argument('--peer_reads_images', action='store_true',
+                      help="the mae peer reads OUT/train.npz through MAE's DataLoader and "
+                           'crops, as ssl_jax reads it, instead of drawing random tensors')
   args = parser.parse_args()
   dtype = 'bfloat16' if args.bfloat16 else 'float32'
   workloads = args.workloads.split(',')
@@ -182,7 +195,7 @@ def main():
   for round_ in range(args.rounds):
     for workload in workloads:
       peer = torch_command(args.torch_python, workload, args.warmup, args.steps,
-                           args.torch_threads, dtype)
+                           args.torch_threads, dtype, train if args.peer_reads_images else None)
       commands = {'ssl_jax': ours_command(workload, train, args.warmup, args.steps, dtype),
                   'pytorch': peer, 'pytorch_kept': peer}
       order = sides if round_ % 2 == 0 else sides[::-1]
@@ -197,7 +210,7 @@ def main():
   for line in table(summary):
     print(line)
   print(json.dumps({'rounds': args.rounds, 'steps': args.steps, 'warmup': args.warmup,
-                    'dtype': dtype,
+                    'dtype': dtype, 'peer_reads_images': args.peer_reads_images,
                     'summary': summary, 'runs': runs}), flush=True)
 
 

@@ -62,7 +62,10 @@ mae: facebookresearch/mae models_mae.py L22-220 MaskedAutoencoderViT at
   on biases and 1-D parameters) with weight decay 0.05, AdamW betas (0.9, 0.95),
   lr 2e-3 (mae_vit.py:local); no gradient clipping (NativeScaler's default).
   MAE augments (RandomResizedCrop + flip) in DataLoader workers, outside the
-  step: here the batch is a random slice of pre-normalised images.
+  step: by default the batch is a random slice of pre-normalised images.
+  With --images NPZ (uint8 images, as ssl_jax's side reads) the batch comes
+  from the reference's DataLoader instead (benchmarks/torch_mae_data.py),
+  fetched inside the timed step as ssl_jax's bench fetches its own.
 """
 
 import argparse
@@ -79,6 +82,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import simclr_torch_reference as simclr_ref  # noqa: E402  (its main() is guarded)
+import torch_mae_data  # noqa: E402
 
 
 class LayerNorm(nn.Module):
@@ -278,6 +282,7 @@ def mae_workload(args):
   """MAE at configs/mae_vit.py:local's size on 32 px RGB, batch 128."""
   batch = 128
   images = (torch.rand(args.pool, 3, 32, 32) - 0.5) / 0.5  # Already normalised, as a loader.
+  batches = torch_mae_data.reference_batches(args.images, batch) if args.images else None
   model = MAE()
   decay, no_decay = [], []  # timm add_weight_decay (main_pretrain.py L179).
   for name, p in model.named_parameters():
@@ -287,7 +292,8 @@ def mae_workload(args):
                                 lr=2e-3, betas=(0.9, 0.95))
 
   def step():
-    loss = model(images[torch.randint(args.pool, (batch,))], mask_ratio=0.75)
+    inputs = next(batches) if batches else images[torch.randint(args.pool, (batch,))]
+    loss = model(inputs, mask_ratio=0.75)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -315,6 +321,8 @@ def main():
   parser.add_argument('--threads', type=int, default=None, help="default: torch's own")
   parser.add_argument('--vocab', type=int, default=1024, help='gpt vocabulary size')
   parser.add_argument('--pool', type=int, default=1024, help='random images to draw from')
+  parser.add_argument('--images', default=None,
+                      help="mae: an npz of uint8 'images' (N, H, W, 3) read through MAE's loader")
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--autocast', choices=['bfloat16'], default=None,
                       help="run each step under torch.autocast('cpu', dtype) (the authors' "
