@@ -9,8 +9,9 @@ removed afterwards, compiles it apart, runs the warm-up and measured steps
 and prints a table; the last stdout line is the same as JSON (`step_time_s`,
 `flops_per_step`, `mfu`, ...). `--top_ops=N` traces 3 more steps with
 `jax.profiler` and lists the N compiled HLO ops that took longest, each with
-its shape and the jax operation it came from: where the time goes, and the
-share of the traced timeline during which any named op ran (what the list
+its shape and the jax operation it came from, then the same time summed by
+kind of op (YNNPACK fusions, Eigen dots, layout copies, ...): where the time
+goes, and the share of the traced timeline during which any named op ran (what the list
 cannot see: XLA:CPU's Eigen convolutions, host gaps). It also
 turns off XLA:GPU's CUDA graphs for the run (`profiling.flags_for_trace`), so that on a
 GPU each kernel is its own op rather than one graph for the step. MFU
@@ -41,6 +42,7 @@ _TOP_OPS = flags.DEFINE_integer(
     'top_ops', 0, 'Also trace 3 steps after the timed ones and list the N compiled HLO ops '
     'that took longest (time per step, share, shape and the jax source of each).')
 TRACE_STEPS = 3
+KINDS_SHOWN = 8  # Op kinds in the table; the JSON has them all.
 flags.mark_flags_as_required(['config'])
 
 USAGE = ('python -m ssl_jax.bench --config=configs/X.py[:VARIANT] [--warmup_steps=N] '
@@ -90,6 +92,10 @@ def table(results: dict[str, Any]) -> list[str]:
                  '(thread time; ops on parallel threads add up):')
     lines += [f"{1e3 * op['s_per_step']:9.2f} ms {100 * op['share']:5.1f}%  {op['op']:32s} "
               f"{op['shape_and_source']}" for op in r['top_ops']]
+    lines.append('The same time by kind of op (the name without its number), '
+                 f"{min(KINDS_SHOWN, len(r['top_op_kinds']))} largest:")
+    lines += [f"{1e3 * k['s_per_step']:9.2f} ms {100 * k['share']:5.1f}%  {k['kind']:32s} "
+              f"{k['ops']} ops" for k in r['top_op_kinds'][:KINDS_SHOWN]]
     timeline = r['top_ops_timeline']
     lines.append(f"Named HLO ops ran during {100 * timeline['busy_fraction']:.0f}% of the traced "
                  f"timeline ({1e3 * timeline['busy_s_per_step']:.1f} of "
@@ -102,8 +108,9 @@ def top_ops(trace_dir: str, hlo_text: str, count: int) -> dict[str, Any]:
   """The `count` HLO ops with the most traced time and how much of the timeline ops covered.
 
   -> {'top_ops': [per op: time per step, share of all ops' time, shape and
-  source], 'top_ops_timeline': the named ops' busy time and span per step
-  (`profiling.busy_and_span`) and busy / span}.
+  source], 'top_op_kinds': [per kind of op (`profiling.op_kind`), all of
+  them: time per step, share, number of ops], 'top_ops_timeline': the named
+  ops' busy time and span per step (`profiling.busy_and_span`) and busy / span}.
   """
   from ssl_jax import profiling  # Imports jax: after flag parsing, as in `bench`.
   events = profiling.hlo_events(trace_dir)
@@ -115,6 +122,8 @@ def top_ops(trace_dir: str, hlo_text: str, count: int) -> dict[str, Any]:
   return {
       'top_ops': [{'op': op, 's_per_step': t / TRACE_STEPS, 'share': t / total,
                    'shape_and_source': described.get(op, '')} for op, t in ranked],
+      'top_op_kinds': [{'kind': kind, 's_per_step': t / TRACE_STEPS, 'share': t / total,
+                        'ops': n} for kind, t, n in profiling.times_by_kind(seconds)],
       'top_ops_timeline': {'busy_s_per_step': busy / TRACE_STEPS,
                            'span_s_per_step': span / TRACE_STEPS,
                            'busy_fraction': busy / span if span else 0.0}}

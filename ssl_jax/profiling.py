@@ -88,6 +88,27 @@ def hlo_op_times(events: list[dict[str, Any]]) -> collections.Counter:
   return seconds
 
 
+def op_kind(op: str) -> str:
+  """An HLO op's kind: its name without XLA's numbering ('ynn_fusion.12' -> 'ynn_fusion')."""
+  return re.sub(r'\.\d+$', '', op)
+
+
+def times_by_kind(seconds: collections.Counter) -> list[tuple[str, float, int]]:
+  """(kind, summed seconds, number of ops) for each `op_kind` in `hlo_op_times`, longest first.
+
+  On XLA:CPU the kinds say what the time is spent on: `ynn_fusion` (YNNPACK
+  matmuls and reductions), `dot` and `convolution` (Eigen; their async work
+  is only partly inside the event), `transpose_copy_fusion` (layout
+  copies), `wrapped_broadcast` (broadcasts materialised for a library
+  call), other `*_fusion`s (XLA's own loops).
+  """
+  totals, counts = collections.Counter(), collections.Counter()
+  for op, t in seconds.items():
+    totals[op_kind(op)] += t
+    counts[op_kind(op)] += 1
+  return [(kind, t, counts[kind]) for kind, t in totals.most_common()]
+
+
 def busy_and_span(events: list[dict[str, Any]]) -> tuple[float, float]:
   """(busy, span) seconds of `events` on the timeline, whatever their threads.
 

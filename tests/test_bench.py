@@ -1,5 +1,6 @@
 """The benchmark CLI (python -m ssl_jax.bench), progress-line input wait and profiler traces."""
 
+import collections
 import json
 import math
 import pathlib
@@ -73,12 +74,26 @@ def test_bench_of_a_tiny_gpt(tmp_path):
   assert all(op['shape_and_source'].startswith(('f32[', 's32[', 'u32[', 'pred[', '('))
              for op in ops), ops
   assert any('jit(train_step)' in op['shape_and_source'] for op in ops), ops
+  # The same time by kind of op: every traced op counted once, so the shares sum to 1.
+  kinds = results['top_op_kinds']
+  assert math.isclose(sum(k['share'] for k in kinds), 1.0)
+  assert kinds[0]['s_per_step'] >= times[0] and all(k['ops'] >= 1 for k in kinds)
+  assert profiling.op_kind(ops[0]['op']) in {k['kind'] for k in kinds}
   # The timeline's busy time is a union: at most the span, at most all ops' summed time.
   timeline = results['top_ops_timeline']
   all_ops_s = ops[0]['s_per_step'] / ops[0]['share']
   assert 0 < timeline['busy_s_per_step'] <= min(timeline['span_s_per_step'], all_ops_s * 1.000001)
   assert math.isclose(timeline['busy_fraction'],
                       timeline['busy_s_per_step'] / timeline['span_s_per_step'])
+
+
+def test_ops_are_summed_by_kind():
+  seconds = collections.Counter({'ynn_fusion': 1.0, 'ynn_fusion.12': 2.0, 'dot.3': 4.0,
+                                 'transpose_copy_fusion.1': 0.5, 'wrapped_is-finite.7': 0.25})
+  assert profiling.op_kind('wrapped_is-finite.7') == 'wrapped_is-finite'
+  assert profiling.times_by_kind(seconds) == [
+      ('dot', 4.0, 1), ('ynn_fusion', 3.0, 2), ('transpose_copy_fusion', 0.5, 1),
+      ('wrapped_is-finite', 0.25, 1)]
 
 
 def test_busy_time_is_the_union_of_the_ops_intervals():
